@@ -1,0 +1,48 @@
+"""Networks, checkpoints, pre- and post-processing for VGG16 classifiers and SSD detectors.
+
+This package never imports HTTP or settings code (``tests/models/test_import_graph.py`` checks).
+Callers use the names exported here:
+
+    spec = ModelSpec(name="ssd-voc", task="detect", arch="ssd300", format="ssd.pytorch",
+                     weights=Path("ssd300_mAP_77.43_v2.pth"), labels=VOC_CLASSES)
+    det = load_model(spec, device="cuda", precision="fp32")        # -> Detector
+    batch = torch.stack([det.preprocess(img) for img in rgb_pil_images])
+    outs = det.predict(batch, image_sizes=[img.size for img in rgb_pil_images],
+                       params=[DetectParams(score_threshold=0.5)] * len(rgb_pil_images))
+"""
+
+from models.errors import CheckpointError, ModelConfigError
+from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
+from models.predictors import Classifier, Detector, Predictor, load_model
+from models.types import (
+    ARCHS,
+    FORMATS,
+    ClassifyOutput,
+    DetectOutput,
+    DetectParams,
+    ModelInfo,
+    ModelSpec,
+    Precision,
+    Task,
+)
+
+__all__ = [
+    "ARCHS",
+    "COCO_CATEGORIES",
+    "FORMATS",
+    "IMAGENET_CATEGORIES",
+    "VOC_CLASSES",
+    "CheckpointError",
+    "Classifier",
+    "ClassifyOutput",
+    "DetectOutput",
+    "DetectParams",
+    "Detector",
+    "ModelConfigError",
+    "ModelInfo",
+    "ModelSpec",
+    "Precision",
+    "Predictor",
+    "Task",
+    "load_model",
+]
