@@ -1,0 +1,71 @@
+# vision-serve: VGG16 / SSD inference over HTTP (README.md, docs/api.md).
+#
+# GPU image (default): CUDA 13.0 runtime on Ubuntu 24.04, Python 3.12 from Ubuntu, and the
+# torch wheels from the default package index, which are CUDA 13.0 builds (torch 2.14.1+cu130)
+# carrying their own cuDNN/cuBLAS; the host needs only the NVIDIA driver and container toolkit.
+#   docker build -t vision-serve:gpu .
+# CPU image: Debian slim with Python 3.11 and the CPU-only torch wheels (about 1 GB instead of 6).
+#   docker build -t vision-serve:cpu \
+#     --build-arg BASE_IMAGE=python:3.11-slim \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
+# Run: mount the folder holding models.toml and the checkpoints read-only on /weights.
+#   docker run --gpus all -p 8000:8000 -v "$PWD/weights:/weights:ro" vision-serve:gpu
+
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
+FROM ${BASE_IMAGE}
+
+# Keep in step with the pins in pyproject.toml (tests/test_container.py checks).
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+# Empty: the default index (CUDA builds). A URL: that index, e.g. the CPU-only wheels above.
+ARG TORCH_INDEX=""
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Python: the CUDA base has none, python:*-slim has it. Ubuntu's python3 is unpinned on purpose:
+# the base image tag fixes the distribution release, and security updates should flow in.
+# hadolint ignore=DL3008
+RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+# torch first, in its own layer: it is most of the image and changes least often.
+RUN if [ -n "$TORCH_INDEX" ]; then export PIP_INDEX_URL="$TORCH_INDEX"; fi \
+    && pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+
+WORKDIR /srv/vision
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY models ./models
+# The other dependencies' bounds are in pyproject.toml; torch is satisfied by the layer above.
+RUN pip install .
+
+# Default models file and label files; the checkpoints are not in the image (.dockerignore):
+# mount the real folder over /weights read-only, e.g. -v "$PWD/weights:/weights:ro".
+COPY weights/models.toml weights/voc.txt weights/download.py weights/README.md /weights/
+
+# Memory allocator tuning (MALLOC_ARENA_MAX, jemalloc) is a later issue; nothing set here yet.
+
+RUN groupadd --system --gid 10001 vision \
+    && useradd --system --uid 10001 --gid vision --create-home --shell /usr/sbin/nologin vision
+USER 10001:10001
+
+ENV VISION_MODELS_FILE=/weights/models.toml
+EXPOSE 8000
+
+# Liveness only: readiness (/health/ready, models warmed up) is for the orchestrator to check,
+# see docker-compose.yml. No curl in the image: Python's urllib fails on non-2xx or no answer.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=4)"]
+
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000"]
