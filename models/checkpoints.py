@@ -1,0 +1,686 @@
+"""Checkpoint files: read them safely, recognise their layout, check them, build the network.
+
+Reading: :func:`read_checkpoint` verifies the SHA-256 (if given) BEFORE unpickling, then calls
+``torch.load(path, map_location=..., weights_only=True)``: tensors and plain containers only, never
+code. Files saved from a GPU load on the CPU through ``map_location``.
+
+Layouts :func:`detect_layout` recognises from the keys (``module.`` prefixes from
+``nn.DataParallel`` removed; a state_dict wrapped as ``{"state_dict" | "model" | "model_state_dict":
+...}`` by a training script unwrapped):
+
+============== ============================================================ =====================
+layout          keys                                                         models-file format
+============== ============================================================ =====================
+ssd.pytorch     ``vgg.N.*``, ``extras.N.*``, ``L2Norm.weight``, ``loc.N.*``,  ``ssd.pytorch``
+                ``conf.N.*`` (the book's chapter 2, amdegroot's ssd.pytorch)
+torchvision-ssd ``backbone.*``, ``head.*`` (torchvision ``ssd300_vgg16``)     ``torchvision``
+vgg             ``features.N.*``, ``classifier.{0,3,6}.*``                   ``torchvision`` /
+vgg_bn          the same with BatchNorm (``features.1.running_mean``)         ``state_dict``
+project         ``{"format": "vision-serve", "version": 1, ...}``             ``project``
+============== ============================================================ =====================
+
+``format = "auto"`` picks the format from the layout: an SSD layout gives its format; a VGG with
+1000 outputs is taken as torchvision's ImageNet file (resize 256, crop 224, ImageNet names); any
+other VGG as the book's chapter 1 state_dict (resize 224, crop 224, labels from the models file).
+
+What each format means for a detector:
+
+- ``ssd.pytorch`` (and project files written from it): the book's default boxes (``SSD300_VOC`` /
+  ``SSD512_VOC``, centre clamp included), the book's post-processing (``BOOK_POSTPROCESS``), labels
+  WITHOUT background (network class c is ``labels[c - 1]``);
+- ``torchvision``: the weights are renamed into our SSD (``torchvision_to_book``) and run with
+  torchvision's anchors (``SSD300_COCO``) and post-processing (``TORCHVISION_POSTPROCESS``); labels
+  include background at 0 (class id = network class = COCO category id); 91 classes default to
+  ``COCO_CATEGORIES``.
+
+The project format (nothing executable: plain types and tensors, so ``weights_only`` reads it)::
+
+    {"format": "vision-serve", "version": 1,
+     "task": "classify" | "detect",
+     "arch": "vgg16" | "vgg16_bn" | "ssd300" | "ssd512",
+     "arch_args": {"num_classes": int, "width": float,
+                   # detectors: the default boxes (and extras) the weights were trained with
+                   "ssd_config": {"name": "SSD300_VOC", "input_size": 300, "feature_maps": [...], ...}},
+     "labels": [str, ...],                 # classify: num_classes; detect: see class_offset
+     "preprocess": {"kind": "classifier", "resize": 224, "crop": 224} | {"kind": "ssd", "size": 300},
+     "postprocess": {} | {"semantics": "book" | "torchvision", "class_offset": 1 | 0,
+                          "config": {PostprocessConfig fields}},
+     "state_dict": {...},                  # our modules' keys: VGG = torchvision's, SSD = the book's
+     "metadata": {...}}                    # free-form plain data (training run, dataset, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.anchors import default_boxes
+from models.detect import BOOK_POSTPROCESS, TORCHVISION_POSTPROCESS, PostprocessConfig
+from models.errors import CheckpointError, ModelConfigError
+from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES
+from models.preprocess import (
+    BOOK_CLASSIFIER_PRESET,
+    TORCHVISION_CLASSIFIER_PRESET,
+    ClassifierTransform,
+    SSDTransform,
+)
+from models.ssd import (
+    SSD,
+    SSD300_COCO,
+    SSD300_VOC,
+    SSD512_VOC,
+    ExtraBlock,
+    SSDConfig,
+    describe_ssd_state_dict,
+    torchvision_to_book,
+)
+from models.types import ARCHS, FORMATS, ModelSpec, Task
+from models.vgg import VGG_BUILDERS, describe_vgg_state_dict
+
+__all__ = [
+    "PROJECT_FORMAT",
+    "PROJECT_VERSION",
+    "BuiltModel",
+    "build_model",
+    "detect_layout",
+    "project_checkpoint",
+    "read_checkpoint",
+    "read_state_dict",
+    "resolve_format",
+    "save_project_checkpoint",
+    "sha256_file",
+    "unwrap_state_dict",
+]
+
+PROJECT_FORMAT = "vision-serve"
+PROJECT_VERSION = 1
+#: keys under which training scripts commonly nest the state_dict
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+_NAMED_SSD_CONFIGS = {"SSD300_VOC": SSD300_VOC, "SSD300_COCO": SSD300_COCO, "SSD512_VOC": SSD512_VOC}
+_NAMED_POSTPROCESS = {"book": BOOK_POSTPROCESS, "torchvision": TORCHVISION_POSTPROCESS}
+_LAYOUT_WORDS = {
+    "ssd.pytorch": "the book's / ssd.pytorch SSD layout (vgg.*, extras.*, L2Norm.weight, loc.*, conf.*)",
+    "torchvision-ssd": "torchvision's SSD layout (backbone.*, head.*)",
+    "vgg": "torchvision's VGG16 layout (features.*, classifier.*)",
+    "vgg_bn": "torchvision's VGG16-BN layout (features.* with BatchNorm, classifier.*)",
+    "project": "the vision-serve project format",
+}
+_FORMAT_FOR_LAYOUT = {"ssd.pytorch": "ssd.pytorch", "torchvision-ssd": "torchvision", "project": "project"}
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk_size`` pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {path.absolute()}; fix the path or fetch the file")
+    if not path.is_file():
+        raise CheckpointError(f"weights path is not a file: {path.absolute()}; point it at a .pth file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"weights file is not readable: {path.absolute()}; check its permissions")
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                    expected_sha256: str | None = None) -> tuple[Any, str]:
+    """Load a checkpoint file as data: -> (the loaded object, the file's SHA-256).
+
+    The SHA-256 is computed (and compared with ``expected_sha256``, if given) before unpickling.
+    Raises CheckpointError for a missing or unreadable file, a hash mismatch, a truncated or
+    corrupt file, and a file ``weights_only`` refuses (e.g. ``torch.save(model)``).
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read weights file {path.absolute()}: {e.strerror or e}") from e
+    if expected_sha256 is not None and digest != expected_sha256.strip().lower():
+        raise CheckpointError(
+            f"SHA-256 mismatch for {path}: the file has {digest}, but {expected_sha256.strip()} is expected; "
+            "the file is damaged or not the one meant: replace it, or update sha256 if the new file is right"
+        )
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f" (refused: {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path} holds a pickled Python object (e.g. torch.save(model)), not a state_dict; "
+                f"save model.state_dict() instead and load that{what}. Objects are refused because "
+                "unpickling them can run code"
+            ) from None
+        raise _corrupt(path, e) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError) as e:
+        if "CUDA" in str(e):  # only when the caller passed a cuda map_location without a GPU
+            raise CheckpointError(f"cannot load {path} onto {map_location}: {e}") from None
+        raise _corrupt(path, e) from None
+    return obj, digest
+
+
+def _corrupt(path: Path, e: BaseException) -> CheckpointError:
+    text = str(e).strip()
+    detail = f"{type(e).__name__}: {text.splitlines()[0].split('. ')[0][:200]}" if text else type(e).__name__
+    return CheckpointError(
+        f"{path} is not a readable PyTorch checkpoint (truncated or corrupt? {detail}); "
+        "download or copy it again"
+    )
+
+
+def unwrap_state_dict(obj: Any, path: str | os.PathLike[str] = "the checkpoint") -> dict[str, Tensor]:
+    """The state_dict inside a loaded checkpoint: the dict itself, or the one nested under
+    ``state_dict`` / ``model`` / ``model_state_dict``; ``module.`` prefixes removed.
+    Raises CheckpointError when it is not a mapping of names to tensors."""
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        kind = "an empty dict" if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{path} holds {kind}, not a state_dict (a dict of parameter names to tensors); "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{path} is not a state_dict: {_listing([str(k) for k in not_tensors])} are not tensors; "
+            "save it with torch.save(model.state_dict(), path)"
+        )
+    return {_strip_module(str(k)): v for k, v in obj.items()}
+
+
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def read_state_dict(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                    expected_sha256: str | None = None) -> dict[str, Tensor]:
+    """:func:`read_checkpoint` then :func:`unwrap_state_dict` (a project file gives its state_dict)."""
+    obj, _ = read_checkpoint(path, map_location, expected_sha256)
+    return unwrap_state_dict(obj, path)
+
+
+def _is_project(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and obj.get("format") == PROJECT_FORMAT
+
+
+def detect_layout(obj: Any) -> str:
+    """Layout of a loaded checkpoint: "project", "ssd.pytorch", "torchvision-ssd", "vgg", "vgg_bn",
+    "ssd-vgg-base" (the SSD's training start point ``vgg16_reducedfc.pth``, keys ``0.weight`` ...),
+    or "unknown". Accepts the loaded object or a state_dict (``module.`` prefixes allowed)."""
+    if _is_project(obj):
+        return "project"
+    if not isinstance(obj, Mapping):
+        return "unknown"
+    try:
+        sd = unwrap_state_dict(obj)
+    except CheckpointError:
+        return "unknown"
+    keys = set(sd)
+    if "L2Norm.weight" in keys or any(k.startswith(("vgg.", "extras.", "loc.", "conf.")) for k in keys):
+        return "ssd.pytorch"
+    if "backbone.scale_weight" in keys or any(k.startswith(("backbone.", "head.")) for k in keys):
+        return "torchvision-ssd"
+    if "features.0.weight" in keys and any(k.startswith("classifier.") for k in keys):
+        return "vgg_bn" if "features.1.running_mean" in keys else "vgg"
+    if "0.weight" in keys and "33.weight" in keys:
+        return "ssd-vgg-base"
+    return "unknown"
+
+
+def _listing(items: Sequence[str], shown: int = 4) -> str:
+    head = ", ".join(items[:shown])
+    return head + (f" (and {len(items) - shown} more)" if len(items) > shown else "")
+
+
+def _check_keys(path: Path, sd: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
+    """CheckpointError listing missing / unexpected / mis-shaped keys of ``sd`` against ``expected``."""
+    # files older than torch 0.4.1 (torchvision's vgg16_bn) lack BatchNorm's num_batches_tracked,
+    # which load_state_dict fills in
+    missing = [k for k in expected if k not in sd and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    shaped = [
+        f"{k} {list(sd[k].shape)} (expected {list(t.shape)})"
+        for k, t in expected.items()
+        if k in sd and sd[k].shape != t.shape
+    ]
+    if not (missing or unexpected or shaped):
+        return
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {_listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+    if shaped:
+        parts.append(f"{len(shaped)} with the wrong shape: {_listing(shaped, 3)}")
+    raise CheckpointError(
+        f"{path} does not fit {what}: " + "; ".join(parts)
+        + ". Check that the file and the models file's arch/format describe the same network"
+    )
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class BuiltModel:
+    """A network with its checkpoint's weights (float32, eval mode, on the loading device) and its use.
+
+    ``format`` is the resolved format (never "auto"). Detectors also carry ``ssd_config`` (their
+    default boxes), ``priors`` (FloatTensor[A, 4] cxcywh), ``postprocess`` and ``class_offset``
+    (network class c is ``labels[c - class_offset]``).
+    """
+
+    model: nn.Module
+    task: Task
+    arch: str
+    format: str
+    labels: list[str]
+    transform: ClassifierTransform | SSDTransform
+    width: float
+    sha256: str
+    ssd_config: SSDConfig | None = None
+    priors: Tensor | None = None
+    postprocess: PostprocessConfig | None = None
+    class_offset: int = 0
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _check_spec(spec: ModelSpec) -> None:
+    if spec.task not in ("classify", "detect"):
+        raise ModelConfigError(f"model {spec.name!r}: unknown task {spec.task!r}; use 'classify' or 'detect'")
+    if spec.arch not in ARCHS:
+        raise ModelConfigError(f"model {spec.name!r}: unknown arch {spec.arch!r}; known: {', '.join(ARCHS)}")
+    if spec.format not in FORMATS:
+        raise ModelConfigError(
+            f"model {spec.name!r}: unknown format {spec.format!r}; known: {', '.join(FORMATS)}"
+        )
+    arch_task = "detect" if spec.arch.startswith("ssd") else "classify"
+    if arch_task != spec.task:
+        kind = "detector" if arch_task == "detect" else "classifier"
+        raise ModelConfigError(f"model {spec.name!r}: arch {spec.arch!r} is a {kind}; task = {spec.task!r}")
+    for name in ("resize", "crop"):
+        value = getattr(spec, name)
+        if value is not None and (spec.task != "classify" or value < 1):
+            raise ModelConfigError(f"model {spec.name!r}: {name} = {value} applies to classifiers only, >= 1")
+
+
+def build_model(spec: ModelSpec, map_location: str | torch.device = "cpu") -> BuiltModel:
+    """Read ``spec.weights`` and build the network it describes, checked against ``spec``.
+
+    Raises ModelConfigError for a bad spec (unknown arch / format, wrong labels count) and
+    CheckpointError for a file that cannot serve it (see the module docstring for the layouts).
+    The model is in eval mode, float32, on ``map_location``.
+    """
+    _check_spec(spec)
+    path = Path(spec.weights)
+    obj, digest = read_checkpoint(path, map_location, spec.sha256)
+    layout = detect_layout(obj)
+    if layout == "unknown":
+        keys = list(unwrap_state_dict(obj, path))
+        raise CheckpointError(
+            f"{path} is a state_dict this service does not know (first keys: {_listing(keys, 3)}); "
+            "supported: torchvision VGG16 / VGG16-BN, the book's / ssd.pytorch SSD, torchvision's SSD300, "
+            "and vision-serve project files"
+        )
+    if layout == "ssd-vgg-base":
+        raise CheckpointError(
+            f"{path} is the VGG16 base an SSD starts training from (vgg16_reducedfc.pth: keys 0.weight .. "
+            "33.bias, no detection heads); serve a trained SSD checkpoint instead"
+        )
+    fmt = resolve_format(spec, path, obj, layout)
+    if fmt == "project":
+        built = _build_project(spec, path, obj)
+    elif spec.task == "classify":
+        built = _build_classifier(spec, path, unwrap_state_dict(obj, path), fmt)
+    else:
+        built = _build_detector(spec, path, unwrap_state_dict(obj, path), fmt)
+    built.sha256 = digest
+    built.model.to(map_location).eval()
+    if built.priors is not None:
+        built.priors = built.priors.to(map_location)
+    return built
+
+
+def resolve_format(spec: ModelSpec, path: Path, obj: Any, layout: str) -> str:
+    """The format to read ``obj`` (of ``layout``) with: ``spec.format``, or the detected one for
+    "auto". Raises CheckpointError when the file's task or layout disagrees with ``spec``."""
+    layout_task = "classify" if layout.startswith("vgg") else "detect"
+    if layout == "project":
+        layout_task = obj.get("task")
+    if layout_task != spec.task:
+        raise CheckpointError(
+            f"{path} holds a {'detector' if layout_task == 'detect' else 'classifier'} in "
+            f"{_LAYOUT_WORDS[layout]}, but the models file says task = {spec.task!r} (arch = {spec.arch!r})"
+        )
+    if spec.format == "auto":
+        if layout in _FORMAT_FOR_LAYOUT:
+            return _FORMAT_FOR_LAYOUT[layout]
+        try:
+            num_classes = describe_vgg_state_dict(unwrap_state_dict(obj, path)).num_classes
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not a usable VGG16 state_dict: {e}") from None
+        return "torchvision" if num_classes == 1000 else "state_dict"
+    allowed = {
+        "ssd.pytorch": ("ssd.pytorch",),
+        "torchvision-ssd": ("torchvision",),
+        "vgg": ("torchvision", "state_dict"),
+        "vgg_bn": ("torchvision", "state_dict"),
+        "project": ("project",),
+    }[layout]
+    if spec.format not in allowed:
+        raise CheckpointError(
+            f"{path} is in {_LAYOUT_WORDS[layout]}, but the models file says format = {spec.format!r}; "
+            f"use format = {allowed[0]!r}" + (" (or \"auto\")" if layout != "project" else "")
+        )
+    return spec.format
+
+
+def _labels(spec: ModelSpec, path: Path, expected: int, what: str, default: Sequence[str] | None,
+            background_note: str = "") -> list[str]:
+    if spec.labels is None:
+        if default is not None and len(default) == expected:
+            return list(default)
+        raise ModelConfigError(
+            f"model {spec.name!r}: {path} is {what}; the models file must give its {expected} labels"
+            f"{background_note} (labels = [...] or labels_file)"
+        )
+    if len(spec.labels) != expected:
+        raise ModelConfigError(
+            f"model {spec.name!r}: {path} is {what}, but the models file gives {len(spec.labels)} labels; "
+            f"give {expected}{background_note}"
+        )
+    return list(spec.labels)
+
+
+def _load_into(path: Path, model: nn.Module, sd: Mapping[str, Tensor], what: str) -> nn.Module:
+    """Check ``sd`` against ``model``'s keys and shapes, then load it (assigning the tensors)."""
+    _check_keys(path, sd, model.state_dict(), what)
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.float()
+
+
+def _build_classifier(spec: ModelSpec, path: Path, sd: dict[str, Tensor], fmt: str) -> BuiltModel:
+    try:
+        shape = describe_vgg_state_dict(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not a usable VGG16 state_dict: {e}") from None
+    bn = shape.arch == "vgg16_bn"
+    what = f"a {shape.num_classes}-class {shape.arch} in torchvision's VGG layout"
+    if shape.arch != spec.arch:
+        hint = "it has BatchNorm layers (features.1.running_mean)" if bn else "it has no BatchNorm layers"
+        raise CheckpointError(
+            f"{path} is {what}: {hint}, but the models file says arch = {spec.arch!r}; "
+            f"use arch = {shape.arch!r}"
+        )
+    with torch.device("meta"):
+        model = VGG_BUILDERS[shape.arch](num_classes=shape.num_classes, width=shape.width)
+    _load_into(path, model, sd, f"a {shape.num_classes}-class {shape.arch} of width {shape.width:g}")
+    if fmt == "torchvision":
+        default_labels: Sequence[str] | None = IMAGENET_CATEGORIES
+        resize, crop = TORCHVISION_CLASSIFIER_PRESET
+    else:
+        default_labels = None
+        resize, crop = BOOK_CLASSIFIER_PRESET
+    labels = _labels(spec, path, shape.num_classes, what, default_labels)
+    transform = ClassifierTransform(spec.resize or resize, spec.crop or crop)
+    return BuiltModel(model, "classify", shape.arch, fmt, labels, transform, shape.width, sha256="")
+
+
+def _build_detector(spec: ModelSpec, path: Path, sd: dict[str, Tensor], fmt: str) -> BuiltModel:
+    layout_words = _LAYOUT_WORDS["ssd.pytorch" if fmt == "ssd.pytorch" else "torchvision-ssd"]
+    if fmt == "torchvision":
+        try:
+            sd = torchvision_to_book(sd)
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not a torchvision ssd300_vgg16 state_dict: {e}") from None
+    try:
+        shape = describe_ssd_state_dict(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is in {layout_words} but does not fit an SSD: {e}") from None
+    arch = f"ssd{shape.size}"
+    short = "ssd.pytorch layout" if fmt == "ssd.pytorch" else "torchvision's layout"
+    what = f"a {shape.num_classes}-class SSD{shape.size} in {short}"
+    if arch != spec.arch:
+        raise CheckpointError(
+            f"{path} is {what} ({shape.size}x{shape.size} input, {6 if shape.size == 300 else 7} detection "
+            f"sources), but the models file says arch = {spec.arch!r}; use arch = {arch!r}"
+        )
+    if fmt == "torchvision":
+        if shape.size != 300:
+            raise CheckpointError(f"{path}: torchvision has no SSD{shape.size}; use format = \"ssd.pytorch\"")
+        config, post, offset = SSD300_COCO, TORCHVISION_POSTPROCESS, 0
+        labels = _torchvision_labels(spec, path, shape.num_classes, what)
+    else:
+        config = SSD300_VOC if shape.size == 300 else SSD512_VOC
+        post, offset = BOOK_POSTPROCESS, 1
+        what_labels = f"{what} ({shape.num_classes - 1} labels + background)"
+        labels = _labels(spec, path, shape.num_classes - 1, what_labels, None,
+                         " (background excluded, as the book's VOC_CLASSES)")
+    with torch.device("meta"):
+        model = SSD(shape.num_classes, config, shape.width)
+    _load_into(path, model, sd, what)
+    return BuiltModel(model, "detect", arch, fmt, labels, SSDTransform(config.input_size), shape.width, "",
+                      config, default_boxes(config), post, offset)
+
+
+def _torchvision_labels(spec: ModelSpec, path: Path, num_classes: int, what: str) -> list[str]:
+    """torchvision counts background as class 0: labels has num_classes entries with the background
+    first; a list without it (num_classes - 1) gets "__background__" prepended."""
+    if spec.labels is not None and len(spec.labels) == num_classes - 1:
+        return ["__background__", *spec.labels]
+    return _labels(spec, path, num_classes, f"{what} ({num_classes} classes, background at 0)",
+                   COCO_CATEGORIES, " (background first, or the other " f"{num_classes - 1} alone)")
+
+
+# --------------------------------------------------------------------------------------------- project format
+
+
+def _config_to_plain(config: SSDConfig) -> dict[str, Any]:
+    plain: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "extras":
+            value = [list(block) for block in value]
+        elif f.name == "aspect_ratios":
+            value = [list(r) for r in value]
+        elif isinstance(value, tuple):
+            value = list(value)
+        plain[f.name] = value
+    names = [n for n, c in _NAMED_SSD_CONFIGS.items() if c == config]
+    plain["name"] = names[0] if names else "custom"
+    return plain
+
+
+def _config_from_plain(plain: Mapping[str, Any]) -> SSDConfig:
+    args = {k: v for k, v in plain.items() if k != "name"}
+    if "extras" in args:
+        args["extras"] = tuple(ExtraBlock(*block) for block in args["extras"])
+    if "aspect_ratios" in args:
+        args["aspect_ratios"] = tuple(tuple(r) for r in args["aspect_ratios"])
+    for k in ("feature_maps", "steps", "min_sizes", "max_sizes", "variances"):
+        if k in args:
+            args[k] = tuple(args[k])
+    return SSDConfig(**args)
+
+
+def _post_to_plain(config: PostprocessConfig) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def project_checkpoint(model: nn.Module, *, task: Task, arch: str, labels: Sequence[str],
+                       preprocess: Mapping[str, Any], postprocess: Mapping[str, Any] | None = None,
+                       metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The project-format dict for ``model`` (a :class:`models.vgg.VGG` or :class:`models.ssd.SSD`).
+
+    ``preprocess``: ``{"kind": "classifier", "resize", "crop"}`` or ``{"kind": "ssd", "size"}``.
+    ``postprocess`` (detectors): ``{"semantics": "book" | "torchvision"}``, optionally with
+    ``class_offset`` (default 1 for book, 0 for torchvision) and ``config`` (PostprocessConfig
+    field overrides). The SSD's default boxes are written from ``model.config``.
+    Tensors are copied to the CPU; ``metadata`` must hold plain data only.
+    """
+    state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if task == "detect":
+        if not isinstance(model, SSD):
+            raise ModelConfigError(f"a detect checkpoint needs an SSD model, got {type(model).__name__}")
+        semantics = (postprocess or {}).get("semantics", "book")
+        if semantics not in _NAMED_POSTPROCESS:
+            raise ModelConfigError(f"postprocess semantics must be 'book' or 'torchvision': {semantics!r}")
+        base = _NAMED_POSTPROCESS[semantics]
+        overrides = dict((postprocess or {}).get("config", {}))
+        post_plain = {
+            "semantics": semantics,
+            "class_offset": int((postprocess or {}).get("class_offset", 1 if semantics == "book" else 0)),
+            "config": _post_to_plain(dataclasses.replace(base, **overrides)),
+        }
+        arch_args: dict[str, Any] = {"num_classes": model.num_classes, "width": float(model.width),
+                                     "ssd_config": _config_to_plain(model.config)}
+    else:
+        num_classes = int(model.classifier[-1].out_features)  # type: ignore[index,union-attr]
+        first = model.features[0].out_channels  # type: ignore[index,union-attr]
+        arch_args = {"num_classes": num_classes, "width": first / 64}
+        post_plain = {}
+    return {
+        "format": PROJECT_FORMAT,
+        "version": PROJECT_VERSION,
+        "task": task,
+        "arch": arch,
+        "arch_args": arch_args,
+        "labels": [str(label) for label in labels],
+        "preprocess": dict(preprocess),
+        "postprocess": post_plain,
+        "state_dict": state_dict,
+        "metadata": dict(metadata or {}),
+    }
+
+
+def save_project_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, task: Task, arch: str,
+                            labels: Sequence[str], preprocess: Mapping[str, Any],
+                            postprocess: Mapping[str, Any] | None = None,
+                            metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` as a project checkpoint (see :func:`project_checkpoint`); returns the path.
+    Raises ModelConfigError if ``metadata`` / ``preprocess`` hold anything ``weights_only`` would
+    refuse to read back (only str, int, float, bool, None, lists, tuples and str-keyed dicts)."""
+    ckpt = project_checkpoint(model, task=task, arch=arch, labels=labels, preprocess=preprocess,
+                              postprocess=postprocess, metadata=metadata)
+    for key in ("preprocess", "postprocess", "metadata", "arch_args"):
+        _check_plain(ckpt[key], key)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ModelConfigError(f"{where}: key {k!r} is not a string")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, str | int | float | bool | type(None)):
+        raise ModelConfigError(f"{where} is a {type(value).__name__}; a project file holds plain data only")
+
+
+def _build_project(spec: ModelSpec, path: Path, obj: Mapping[str, Any]) -> BuiltModel:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is a vision-serve project file but {what}; write it again with "
+                               "models.checkpoints.save_project_checkpoint")
+
+    if obj.get("version") != PROJECT_VERSION:
+        raise CheckpointError(
+            f"{path} is a vision-serve project file of version {obj.get('version')!r}; this code reads "
+            f"version {PROJECT_VERSION}: upgrade the service or convert the file again"
+        )
+    for key in ("task", "arch", "arch_args", "labels", "preprocess", "state_dict"):
+        if key not in obj:
+            raise bad(f"has no {key!r} entry")
+    arch, args, pre = obj["arch"], obj["arch_args"], obj["preprocess"]
+    if arch not in ARCHS:
+        raise bad(f"names an unknown arch {arch!r}")
+    if arch != spec.arch:
+        raise CheckpointError(
+            f"{path} is a vision-serve {arch} checkpoint, but the models file says arch = {spec.arch!r}; "
+            f"use arch = {arch!r}"
+        )
+    sd = unwrap_state_dict(obj["state_dict"], path)
+    file_labels = [str(x) for x in obj["labels"]]
+    if spec.labels is not None and len(spec.labels) != len(file_labels):
+        raise ModelConfigError(
+            f"model {spec.name!r}: {path} carries {len(file_labels)} labels, but the models file gives "
+            f"{len(spec.labels)}; remove labels from the models file to use the file's own"
+        )
+    labels = list(spec.labels) if spec.labels is not None else file_labels
+    metadata = dict(obj.get("metadata") or {})
+    try:
+        num_classes, width = int(args["num_classes"]), float(args["width"])
+        if arch.startswith("vgg"):
+            transform: ClassifierTransform | SSDTransform = ClassifierTransform(
+                spec.resize or int(pre["resize"]), spec.crop or int(pre["crop"]))
+            kind_ok = pre.get("kind") == "classifier"
+        else:
+            config = _config_from_plain(args["ssd_config"])
+            post = obj.get("postprocess") or {}
+            semantics = post.get("semantics")
+            if semantics not in _NAMED_POSTPROCESS:
+                raise bad(f"its postprocess semantics is {semantics!r}, not 'book' or 'torchvision'")
+            post_config = dataclasses.replace(_NAMED_POSTPROCESS[semantics], **post.get("config", {}))
+            offset = int(post.get("class_offset", 1 if semantics == "book" else 0))
+            transform = SSDTransform(int(pre.get("size", config.input_size)))
+            kind_ok = pre.get("kind") == "ssd" and transform.size == config.input_size
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        detail = f"{type(e).__name__}: {e}"
+        raise bad(f"its arch_args, preprocess or postprocess cannot be read ({detail})") from None
+    if not kind_ok:
+        raise bad(f"its preprocess {dict(pre)!r} does not suit a {arch}")
+    what = f"a {num_classes}-class {arch} (vision-serve project file)"
+
+    if arch.startswith("vgg"):
+        if len(labels) != num_classes:
+            raise bad(f"it has {len(labels)} labels for {num_classes} classes")
+        with torch.device("meta"):
+            model = VGG_BUILDERS[arch](num_classes=num_classes, width=width)
+        _load_into(path, model, sd, what)
+        return BuiltModel(model, "classify", arch, "project", labels, transform, width, "", metadata=metadata)
+
+    if len(labels) != num_classes - offset:
+        raise bad(f"it has {len(labels)} labels for {num_classes} classes with class_offset {offset}")
+    if f"ssd{config.input_size}" != arch:
+        raise bad(f"its arch {arch!r} disagrees with its default boxes (input size {config.input_size})")
+    priors = default_boxes(config)
+    with torch.device("meta"):
+        ssd = SSD(num_classes, config, width)
+        size = config.input_size
+        anchors = ssd(torch.empty(1, 3, size, size))[0].shape[1]  # shapes only, on the meta device
+    if anchors != priors.shape[0]:
+        raise bad(f"its default boxes ({priors.shape[0]}) do not match the network's {anchors} outputs")
+    _load_into(path, ssd, sd, what)
+    return BuiltModel(ssd, "detect", arch, "project", labels, transform, width, "", config, priors,
+                      post_config, offset, metadata=metadata)

@@ -1,0 +1,237 @@
+"""Batch-first wrappers the service calls: :class:`Classifier`, :class:`Detector`, :func:`load_model`.
+
+Callers (``app/``) go through three steps, and the model code never sees a request:
+
+1. ``preprocess(image)`` per image (PIL RGB -> FloatTensor[3, H, W] on the CPU);
+2. ``torch.stack`` the tensors into a batch;
+3. ``predict(batch, ...)``: ONE forward pass for the whole batch (eval mode, inference mode,
+   channels_last, weights in the chosen precision), post-processing batched on the device, one
+   output per image on the CPU.
+
+Precision: ``fp32`` (default, exact answers; loading an fp32 model on CUDA switches cuDNN's TF32
+off for the process), ``bf16`` or ``fp16`` (weights and inputs cast; scores, decoding and NMS
+still run in float32). fp16 on the CPU works but is slow.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from models.checkpoints import BuiltModel, build_model
+from models.detect import PostprocessConfig, postprocess
+from models.errors import ModelConfigError
+from models.preprocess import ClassifierTransform, SSDTransform
+from models.ssd import SSDConfig
+from models.types import ClassifyOutput, DetectOutput, DetectParams, ModelInfo, ModelSpec, Precision, Task
+
+__all__ = ["DTYPES", "Classifier", "Detector", "Predictor", "load_model", "resolve_device"]
+
+#: precision name -> weight / input dtype
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` (the current CUDA device) or ``cuda:N`` -> torch.device.
+
+    Raises ModelConfigError for other names, when CUDA is not available, or N is out of range.
+    """
+    name = str(device).strip()
+    if not _DEVICE.match(name):
+        raise ModelConfigError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    dev = torch.device(name)
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
+        built_with = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise ModelConfigError(
+            f"device {name!r} was asked for, but CUDA is not available here (torch {torch.__version__} "
+            f"{built_with}, no usable GPU visible); use device 'cpu' or run where a GPU is visible"
+        )
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ModelConfigError(f"device {name!r} does not exist: {count} CUDA device(s), numbered from 0")
+    return torch.device("cuda", index)
+
+
+class Predictor:
+    """What both wrappers share: the model on its device and dtype, its preprocessing and info.
+
+    Attributes: ``info`` (ModelInfo), ``device``, ``dtype``, ``task``, ``model`` (nn.Module in eval
+    mode), ``transform`` (the preprocessing).
+    """
+
+    task: Task
+
+    def __init__(self, built: BuiltModel, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+        self.info = info
+        self.device = device
+        self.dtype = dtype
+        self.transform: ClassifierTransform | SSDTransform = built.transform
+        model = built.model.to(device=device, dtype=dtype)
+        self.model: nn.Module = model.to(memory_format=torch.channels_last)
+        self.model.eval()
+        self._input_size = built.transform.input_size
+
+    def preprocess(self, image: Image.Image) -> Tensor:
+        """RGB PIL image (the caller converts) -> FloatTensor[3, H, W] float32 on the CPU."""
+        return self.transform(image)
+
+    def _forward(self, batch: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        height, width = self._input_size
+        if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, height, width) or batch.shape[0] < 1:
+            raise ValueError(
+                f"{self.info.name} expects a batch FloatTensor[B, 3, {height}, {width}] from preprocess(), "
+                f"got {list(batch.shape)}"
+            )
+        x = batch.to(self.device, self.dtype, non_blocking=True, memory_format=torch.channels_last)
+        out: Tensor | tuple[Tensor, Tensor] = self.model(x)
+        return out
+
+    def _warm_once(self, batch_size: int) -> None:
+        raise NotImplementedError
+
+    def warmup(self, batch_sizes: Iterable[int] = (1,)) -> None:
+        """One forward (and post-processing) per batch size on a blank batch, so that the first
+        request does not pay for lazy initialisation (CUDA context, cuDNN algorithm choice)."""
+        for size in batch_sizes:
+            self._warm_once(int(size))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _blank(self, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size, 3, *self._input_size)
+
+    def __repr__(self) -> str:
+        info = self.info
+        return (f"{type(self).__name__}(name={info.name!r}, arch={info.arch!r}, format={info.format!r}, "
+                f"classes={info.num_classes}, device={info.device!r}, dtype={info.dtype!r})")
+
+
+class Classifier(Predictor):
+    """VGG16 classifier: logits -> softmax probabilities -> top-k."""
+
+    task: Task = "classify"
+
+    @torch.inference_mode()
+    def predict(self, batch: Tensor, top_k: int | Sequence[int] = 5) -> list[ClassifyOutput]:
+        """batch (FloatTensor[B, 3, H, W]) from :meth:`preprocess` -> B outputs on the CPU.
+
+        ``top_k``: one k for all images or one per image; k larger than the number of classes
+        gives all classes. Scores are softmax probabilities (float32), descending.
+        """
+        ks = [top_k] * batch.shape[0] if isinstance(top_k, int) else [int(k) for k in top_k]
+        if len(ks) != batch.shape[0] or min(ks, default=1) < 1:
+            raise ValueError(f"top_k: one k >= 1 or one per image; got {top_k!r} for {batch.shape[0]} images")
+        logits = self._forward(batch)
+        assert isinstance(logits, Tensor)
+        probs = F.softmax(logits.float(), dim=1)  # (B, C)
+        num_classes = probs.shape[1]
+        scores, ids = probs.topk(min(max(ks), num_classes), dim=1)  # (B, k) each, descending
+        scores, ids = scores.cpu(), ids.cpu()
+        outputs = [
+            ClassifyOutput(scores=scores[i, : min(k, num_classes)], class_ids=ids[i, : min(k, num_classes)])
+            for i, k in enumerate(ks)
+        ]
+        assert len(outputs) == batch.shape[0]
+        return outputs
+
+    def _warm_once(self, batch_size: int) -> None:
+        self.predict(self._blank(batch_size), top_k=1)
+
+
+class Detector(Predictor):
+    """SSD detector: head outputs -> decoded, suppressed boxes in pixels of the original images.
+
+    ``ssd_config`` gives the default boxes (``priors``, FloatTensor[A, 4] cxcywh on the device),
+    ``postprocess_config`` the semantics (book or torchvision), ``class_offset`` maps network class
+    c to ``labels[c - class_offset]``.
+    """
+
+    task: Task = "detect"
+
+    def __init__(self, built: BuiltModel, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(built, info, device, dtype)
+        assert built.ssd_config is not None and built.priors is not None and built.postprocess is not None
+        self.ssd_config: SSDConfig = built.ssd_config
+        self.priors: Tensor = built.priors.to(device=device, dtype=torch.float32)
+        self.postprocess_config: PostprocessConfig = built.postprocess
+        self.class_offset = built.class_offset
+
+    @torch.inference_mode()
+    def predict(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]],
+                params: Sequence[DetectParams]) -> list[DetectOutput]:
+        """batch (FloatTensor[B, 3, S, S]) from :meth:`preprocess`; ``image_sizes`` the (width,
+        height) of each original image (``PIL.Image.size``); ``params`` one per image.
+
+        Returns B outputs on the CPU: boxes in [x1, y1, x2, y2] pixels of the original image,
+        clipped, empty ones dropped, score >= ``score_threshold``, score-descending, at most
+        ``max_detections`` (None: no cap); ``iou_threshold`` None means the model's own (0.45).
+        """
+        if len(image_sizes) != batch.shape[0] or len(params) != batch.shape[0]:
+            raise ValueError(
+                f"a batch of {batch.shape[0]} needs as many image_sizes and params, "
+                f"got {len(image_sizes)} and {len(params)}"
+            )
+        out = self._forward(batch)
+        assert isinstance(out, tuple)
+        loc, conf = out
+        outputs = postprocess(loc, conf, self.priors, image_sizes, params, self.postprocess_config,
+                              self.class_offset, self.ssd_config.variances)
+        assert len(outputs) == batch.shape[0]
+        return outputs
+
+    def _warm_once(self, batch_size: int) -> None:
+        height, width = self._input_size
+        self.predict(self._blank(batch_size), [(width, height)] * batch_size, [DetectParams()] * batch_size)
+
+
+def _defaults(spec: ModelSpec, built: BuiltModel) -> dict[str, float | int | None]:
+    """Per-model request defaults: the spec's values that are set; detectors always carry
+    ``iou_threshold`` (the spec's, else the model's own NMS threshold)."""
+    names = ("top_k",) if built.task == "classify" else ("score_threshold", "iou_threshold", "max_detections")
+    defaults: dict[str, float | int | None] = {
+        name: getattr(spec, name) for name in names if getattr(spec, name) is not None
+    }
+    if built.task == "detect" and built.postprocess is not None:
+        defaults.setdefault("iou_threshold", built.postprocess.nms_iou)
+    return defaults
+
+
+def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
+               precision: Precision = "fp32") -> Classifier | Detector:
+    """Build the model ``spec`` describes, load its weights and move it to ``device`` in ``precision``.
+
+    Raises ModelConfigError (unknown device / precision / arch / format, wrong labels count) or
+    CheckpointError (missing, corrupt or mismatched weights file), each with a message to show.
+    """
+    dev = resolve_device(device)
+    if precision not in DTYPES:
+        raise ModelConfigError(f"unknown precision {precision!r}; use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[precision]
+    if dev.type == "cuda" and precision == "fp32":
+        # fp32 means IEEE float32: cuDNN otherwise runs float32 convolutions in TF32 (10-bit mantissa)
+        # on Ampere and later GPUs, which moves scores by ~1e-5..1e-3. The flag is process-wide.
+        torch.backends.cudnn.allow_tf32 = False
+    built = build_model(spec, map_location=dev)
+    info = ModelInfo(
+        name=spec.name,
+        task=built.task,
+        arch=built.arch,
+        format=built.format,
+        labels=list(built.labels),
+        device=str(dev),
+        dtype=str(dtype).removeprefix("torch."),
+        input_size=built.transform.input_size,
+        sha256=built.sha256,
+        defaults=_defaults(spec, built),
+    )
+    wrapper = Classifier if built.task == "classify" else Detector
+    return wrapper(built, info, dev, dtype)

@@ -1,0 +1,113 @@
+"""Image preprocessing: the only place that holds the normalisation constants.
+
+Two transforms, each PIL RGB image -> FloatTensor[3, H, W] on the CPU:
+
+- :class:`ClassifierTransform` (VGG16): shorter side to ``resize`` with PIL bilinear, centre crop
+  ``crop``, scale to [0, 1], ImageNet mean/std. torchvision's ImageNet preset is (256, 224)
+  (``VGG16_Weights.IMAGENET1K_V1.transforms()``); the book's chapter 1 ``BaseTransform`` /
+  ``ImageTransform('val')`` is (224, 224).
+- :class:`SSDTransform` (SSD300/512): float32 0-255 pixels, bilinear resize to ``size`` x ``size``
+  without antialias, minus the per-channel pixel mean; no division by 255.
+
+Callers convert to RGB first (``image.convert("RGB")``): the book breaks on "L" and "RGBA" images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+
+#: ImageNet channel mean and std in RGB order, for inputs scaled to [0, 1]: torchvision's
+#: ``ImageClassification`` preset (``transforms/_presets.py``) and the book's chapter 1 (1-1 nb#10).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: SSD pixel mean on 0-255 inputs in RGB order. The book and ssd.pytorch subtract (104, 117, 123)
+#: from cv2's BGR image (``SubtractMeans``, ``ssd_predict_show.py``), then swap to RGB, so the
+#: network sees (R - 123, G - 117, B - 104). torchvision's ``ssd300_vgg16`` normalises [0, 1] RGB
+#: with mean (0.48235, 0.45882, 0.40784) and std 1/255, i.e. x*255 - (123, 117, 104) to 1e-3.
+SSD_PIXEL_MEAN_BGR: tuple[float, float, float] = (104.0, 117.0, 123.0)
+SSD_PIXEL_MEAN_RGB: tuple[float, float, float] = SSD_PIXEL_MEAN_BGR[::-1]
+
+#: Named classifier presets (resize, crop).
+TORCHVISION_CLASSIFIER_PRESET: tuple[int, int] = (256, 224)
+BOOK_CLASSIFIER_PRESET: tuple[int, int] = (224, 224)
+
+
+def _check_rgb(image: Image.Image) -> None:
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB PIL image, got mode {image.mode!r}; convert('RGB') it first")
+
+
+class ClassifierTransform:
+    """PIL RGB image -> FloatTensor[3, crop, crop], ImageNet-normalised.
+
+    The shorter side becomes ``resize`` (the long side ``int(resize * long / short)``) with PIL's
+    bilinear filter, as ``torchvision.transforms.Resize(int)`` does on a PIL image; then a centre
+    crop of ``crop`` (torchvision's rounding, zero padding if the image is smaller).
+    """
+
+    def __init__(self, resize: int, crop: int) -> None:
+        if resize < 1 or crop < 1:
+            raise ValueError(f"resize and crop must be positive, got resize={resize}, crop={crop}")
+        self.resize = resize
+        self.crop = crop
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the tensors this transform makes."""
+        return (self.crop, self.crop)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        _check_rgb(image)
+        image = TF.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR)
+        image = TF.center_crop(image, [self.crop])
+        x: Tensor = TF.pil_to_tensor(image).to(torch.float32).div_(255.0)  # uint8 (3, crop, crop) -> [0, 1]
+        return x.sub_(self._mean).div_(self._std)
+
+    def __repr__(self) -> str:
+        return f"ClassifierTransform(resize={self.resize}, crop={self.crop})"
+
+
+class SSDTransform:
+    """PIL RGB image -> FloatTensor[3, size, size] of (pixel - SSD_PIXEL_MEAN_RGB), 0-255 scale.
+
+    The book resizes the float32 image with ``cv2.resize`` (INTER_LINEAR, no antialias) and then
+    subtracts the mean; ``F.interpolate(bilinear, align_corners=False, antialias=False)`` computes
+    the same half-pixel bilinear weights (within 0.01 grey level of cv2). The aspect ratio is not
+    kept and nothing is padded.
+
+    torchvision's SSD (normalise with mean (0.48235, 0.45882, 0.40784) and std 1/255, then the
+    same interpolate) gives the same numbers: bilinear weights sum to one, so subtracting a
+    per-channel constant commutes with the resize, and its mean times 255 is (123, 117, 104) to
+    within 1e-3. One transform therefore serves both formats.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be positive, got {size}")
+        self.size = size
+        self._mean = torch.tensor(SSD_PIXEL_MEAN_RGB).view(1, 3, 1, 1)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) of the tensors this transform makes."""
+        return (self.size, self.size)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        _check_rgb(image)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))  # (H, W, 3) 0-255
+        x = pixels.permute(2, 0, 1).unsqueeze(0)  # (H, W, 3) -> (1, 3, H, W)
+        size = (self.size, self.size)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
+        return (x - self._mean)[0].contiguous()
+
+    def __repr__(self) -> str:
+        return f"SSDTransform(size={self.size})"

@@ -1,0 +1,441 @@
+"""Checkpoint files: the factory imitates real ones, every format loads, every load error explains itself."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor
+
+from models import CheckpointError, ModelConfigError, ModelSpec, load_model
+from models.checkpoints import (
+    PROJECT_FORMAT,
+    build_model,
+    detect_layout,
+    read_checkpoint,
+    read_state_dict,
+    save_project_checkpoint,
+    sha256_file,
+    unwrap_state_dict,
+)
+from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
+from models.ssd import SSD300_COCO, SSD300_VOC, SSD512_VOC
+from tests import checkpoint_factory as cf
+from tests.models.conftest import TINY
+from tests.models.ssd_reference import BOOK_SSD300_KEYS
+
+VGG_LABELS = ("ants", "bees")
+
+
+def _spec(path: Path, task: str = "detect", arch: str = "ssd300", fmt: str = "auto",
+          labels: tuple[str, ...] | None = None, **kw: Any) -> ModelSpec:
+    return ModelSpec(name="m", task=task, arch=arch, format=fmt, weights=path, labels=labels,  # type: ignore[arg-type]
+                     **kw)
+
+
+def _error(exc: type[Exception], spec: ModelSpec) -> str:
+    with pytest.raises(exc) as info:
+        load_model(spec)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- the factory imitates real files
+
+
+def test_factory_book_ssd300_matches_the_reference_key_table() -> None:
+    sd = cf.book_ssd_state_dict(21, 1.0)
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == [(k, s) for k, s, _ in BOOK_SSD300_KEYS]
+    assert tuple(k for k, _, _ in BOOK_SSD300_KEYS) == cf.BOOK_SSD_KEYS
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    amdegroot = list(cf.book_ssd_state_dict(21, 1.0, amdegroot_order=True))
+    assert amdegroot.index("L2Norm.weight") == 30 and sorted(amdegroot) == sorted(sd)  # ssd.pytorch's order
+
+
+def test_factory_torchvision_files_load_strictly_into_torchvision() -> None:
+    with torch.device("meta"):
+        tv_ssd = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
+                                                           num_classes=91)
+        tv_vgg = torchvision.models.vgg16(weights=None)
+        tv_vgg_bn = torchvision.models.vgg16_bn(weights=None)
+    ssd_sd = cf.torchvision_ssd_state_dict(91, 1.0)
+    # same names, same order, same shapes as torchvision's own state_dict
+    assert [(k, v.shape) for k, v in ssd_sd.items()] == [(k, v.shape) for k, v in tv_ssd.state_dict().items()]
+    tv_ssd.load_state_dict(ssd_sd, strict=True, assign=True)
+    vgg_sd = cf.vgg16_state_dict(1000, 1.0)
+    assert [(k, v.shape) for k, v in vgg_sd.items()] == [(k, v.shape) for k, v in tv_vgg.state_dict().items()]
+    tv_vgg.load_state_dict(vgg_sd, strict=True, assign=True)
+    tv_vgg_bn.load_state_dict(cf.vgg16_state_dict(1000, 1.0, bn=True, num_batches_tracked=False), assign=True)
+
+
+def test_factory_files_have_the_real_on_disk_layout(tiny: dict[str, Path]) -> None:
+    import zipfile
+
+    # 2017-2019 files (torchvision VGG16, the book, ssd.pytorch) predate the zip format
+    for name in ("tv_vgg16", "tv_vgg16_bn", "book_vgg16", "book_ssd300", "amdegroot_ssd300"):
+        assert not zipfile.is_zipfile(tiny[name]), name
+    for name in ("tv_ssd300", "project_ssd300"):
+        assert zipfile.is_zipfile(tiny[name]), name
+    sd = torch.load(tiny["dp_ssd300"], map_location="cpu", weights_only=True)
+    assert all(k.startswith("module.") for k in sd) and len(sd) == 71
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_gpu_saved_file_needs_map_location_and_loads_on_the_cpu(tiny: dict[str, Path]) -> None:
+    path = tiny["book_vgg16"]
+    seen: list[str] = []
+    def record(storage: Any, location: str) -> Any:
+        seen.append(location)
+        return storage
+
+    torch.load(path, map_location=record, weights_only=True)
+    assert seen and set(seen) == {"cuda:0"}  # every storage recorded on the GPU, as the book's file
+    if torch.cuda.is_available():
+        raw = torch.load(path, weights_only=True)
+        assert next(iter(raw.values())).device.type == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(path, weights_only=True)
+    sd = read_state_dict(path, map_location="cpu")
+    assert {t.device.type for t in sd.values()} == {"cpu"} and sd["classifier.6.weight"].shape == (2, 256)
+    clf = load_model(_spec(path, "classify", "vgg16", "state_dict", VGG_LABELS))
+    assert clf.info.device == "cpu" and next(clf.model.parameters()).device.type == "cpu"
+
+
+def test_sha256_is_checked_before_unpickling(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tiny["book_ssd300"]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert sha256_file(path) == digest
+    _, got = read_checkpoint(path, "cpu", expected_sha256=digest.upper())
+    assert got == digest
+
+    def no_load(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("torch.load called before the hash check")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path, "cpu", expected_sha256="0" * 64)
+    message = str(info.value)
+    assert "SHA-256 mismatch" in message and digest in message and "0" * 64 in message
+    assert str(path) in message and "replace it" in message
+
+
+def test_unwraps_training_script_dicts_and_strips_module_prefixes() -> None:
+    sd = cf.book_ssd_state_dict(3, TINY)
+    wrapped = {"epoch": 12, "model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer": {}}
+    for obj in (wrapped, {"state_dict": sd}, {"model": sd}, sd):
+        out = unwrap_state_dict(obj)
+        assert list(out) == list(sd) and all(out[k] is sd[k] for k in sd)
+        assert detect_layout(obj) == "ssd.pytorch"
+
+
+def test_data_parallel_and_amdegroot_files_give_the_books_answers(tiny: dict[str, Path]) -> None:
+    specs = {name: _spec(tiny[name], fmt="ssd.pytorch", labels=VOC_CLASSES)
+             for name in ("book_ssd300", "dp_ssd300", "amdegroot_ssd300")}
+    x = torch.rand(2, 3, 300, 300) * 255 - 120
+    outs = {}
+    for name, spec in specs.items():
+        det = load_model(spec)
+        with torch.no_grad():
+            outs[name] = det.model(x)
+    for name in ("dp_ssd300", "amdegroot_ssd300"):  # same seed, same tensors
+        assert all(torch.equal(a, b) for a, b in zip(outs[name], outs["book_ssd300"], strict=True))
+
+
+# --------------------------------------------------------------------------- layouts and "auto"
+
+
+@pytest.mark.parametrize(("name", "layout"), [
+    ("tv_vgg16", "vgg"), ("tv_vgg16_bn", "vgg_bn"), ("book_vgg16", "vgg"), ("book_ssd300", "ssd.pytorch"),
+    ("dp_ssd300", "ssd.pytorch"), ("amdegroot_ssd300", "ssd.pytorch"), ("book_ssd512", "ssd.pytorch"),
+    ("tv_ssd300", "torchvision-ssd"), ("project_ssd300", "project"), ("project_vgg16", "project"),
+])
+def test_detect_layout(tiny: dict[str, Path], name: str, layout: str) -> None:
+    obj, _ = read_checkpoint(tiny[name])
+    assert detect_layout(obj) == layout
+
+
+def test_detect_layout_odd_inputs() -> None:
+    base = {f"{i}.weight": torch.zeros(1) for i in (0, 2, 31, 33)}  # vgg16_reducedfc.pth
+    assert detect_layout(base) == "ssd-vgg-base"
+    assert detect_layout({"fc.weight": torch.zeros(1)}) == "unknown"
+    assert detect_layout([torch.zeros(1)]) == "unknown"
+
+
+@pytest.mark.parametrize(("name", "task", "arch", "labels", "fmt", "size", "n_labels"), [
+    ("tv_vgg16", "classify", "vgg16", None, "torchvision", (224, 224), 1000),  # 1000 classes: ImageNet preset
+    ("tv_vgg16_bn", "classify", "vgg16_bn", None, "torchvision", (224, 224), 1000),
+    ("book_vgg16", "classify", "vgg16", VGG_LABELS, "state_dict", (224, 224), 2),  # other counts: the book
+    ("book_ssd300", "detect", "ssd300", VOC_CLASSES, "ssd.pytorch", (300, 300), 20),
+    ("book_ssd512", "detect", "ssd512", VOC_CLASSES, "ssd.pytorch", (512, 512), 20),
+    ("tv_ssd300", "detect", "ssd300", None, "torchvision", (300, 300), 91),
+    ("project_ssd300", "detect", "ssd300", None, "project", (300, 300), 20),
+    ("project_vgg16", "classify", "vgg16", None, "project", (224, 224), 3),
+])
+def test_auto_format(tiny: dict[str, Path], name: str, task: str, arch: str, labels: tuple[str, ...] | None,
+                     fmt: str, size: tuple[int, int], n_labels: int) -> None:
+    model = load_model(_spec(tiny[name], task, arch, "auto", labels))
+    assert (model.info.format, model.info.input_size, model.info.num_classes) == (fmt, size, n_labels)
+    assert model.info.sha256 == sha256_file(tiny[name])
+
+
+def test_format_semantics(tiny: dict[str, Path]) -> None:
+    tv_vgg = build_model(_spec(tiny["tv_vgg16"], "classify", "vgg16"))
+    assert (tv_vgg.transform.resize, tv_vgg.transform.crop) == (256, 224)  # type: ignore[union-attr]
+    assert tv_vgg.labels == list(IMAGENET_CATEGORIES)
+    book_vgg = build_model(_spec(tiny["book_vgg16"], "classify", "vgg16", "state_dict", VGG_LABELS))
+    assert (book_vgg.transform.resize, book_vgg.transform.crop) == (224, 224)  # type: ignore[union-attr]
+    # 1000 classes in the book's format: the book's preprocessing, but the caller's labels
+    overridden = build_model(_spec(tiny["tv_vgg16"], "classify", "vgg16", "state_dict",
+                                   tuple(f"c{i}" for i in range(1000)), resize=300, crop=256))
+    assert (overridden.transform.resize, overridden.transform.crop) == (300, 256)  # type: ignore[union-attr]
+
+    book = build_model(_spec(tiny["book_ssd300"], labels=VOC_CLASSES))
+    assert (book.ssd_config, book.class_offset, book.postprocess.pre_nms_top_k) == (SSD300_VOC, 1, 200)  # type: ignore[union-attr]
+    assert book.postprocess.max_per_image is None  # type: ignore[union-attr]
+    assert build_model(_spec(tiny["book_ssd512"], arch="ssd512", labels=VOC_CLASSES)).ssd_config == SSD512_VOC
+    tv = build_model(_spec(tiny["tv_ssd300"]))
+    assert (tv.ssd_config, tv.class_offset, tv.labels) == (SSD300_COCO, 0, list(COCO_CATEGORIES))
+    assert tv.postprocess.max_per_image == 200 and tv.postprocess.clip_before_nms  # type: ignore[union-attr]
+    # a custom torchvision SSD: labels without background get "__background__" in front
+    custom = cf.write_torchvision_ssd300(tiny["tv_ssd300"].parent / "tv3.pth", num_classes=3, width=TINY)
+    assert build_model(_spec(custom, labels=("cat", "dog"))).labels == ["__background__", "cat", "dog"]
+
+
+# --------------------------------------------------------------------------- load errors and their messages
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    message = _error(CheckpointError, _spec(tmp_path / "nope.pth", labels=VOC_CLASSES))
+    assert "weights file not found" in message and str((tmp_path / "nope.pth").absolute()) in message
+    message = _error(CheckpointError, _spec(tmp_path, labels=VOC_CLASSES))
+    assert "not a file" in message
+
+
+def test_sha256_mismatch_through_load_model(tiny: dict[str, Path]) -> None:
+    message = _error(CheckpointError, _spec(tiny["book_ssd300"], labels=VOC_CLASSES, sha256="ab" * 32))
+    assert "SHA-256 mismatch" in message and sha256_file(tiny["book_ssd300"]) in message
+
+
+def test_pickled_whole_model_is_refused(tiny: dict[str, Path]) -> None:
+    message = _error(CheckpointError, _spec(tiny["pickled_model"], "classify", "vgg16"))
+    assert str(tiny["pickled_model"]) in message
+    assert ("holds a pickled Python object (e.g. torch.save(model)), not a state_dict; "
+            "save model.state_dict()") in message
+    assert "torch.nn" in message  # names the class it refused
+
+
+@pytest.mark.parametrize("name", ["truncated_zip", "truncated_legacy"])
+def test_truncated_file(tiny: dict[str, Path], name: str) -> None:
+    message = _error(CheckpointError, _spec(tiny[name], labels=VOC_CLASSES))
+    assert str(tiny[name]) in message and "truncated or corrupt" in message and "again" in message
+
+
+@pytest.mark.parametrize("obj", [[torch.zeros(1)], torch.zeros(3), {"weights": [1, 2]}, {}])
+def test_not_a_state_dict(tmp_path: Path, obj: Any) -> None:
+    path = tmp_path / "odd.pth"
+    torch.save(obj, path)
+    message = _error(CheckpointError, _spec(path, "classify", "vgg16"))
+    assert "not a state_dict" in message and str(path) in message and "model.state_dict()" in message
+
+
+def test_unknown_layout_and_ssd_training_base(tmp_path: Path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)}, path)
+    message = _error(CheckpointError, _spec(path, "classify", "vgg16"))
+    assert "does not know" in message and "conv1.weight" in message
+    ssd = cf.book_ssd_state_dict(21, TINY)
+    base = {k.removeprefix("vgg."): v for k, v in ssd.items() if k.startswith("vgg.")}
+    torch.save(base, tmp_path / "vgg16_reducedfc.pth")
+    message = _error(CheckpointError, _spec(tmp_path / "vgg16_reducedfc.pth", labels=VOC_CLASSES))
+    assert "VGG16 base an SSD starts training from" in message
+
+
+def _vgg_file(tmp_path: Path, edit: dict[str, Tensor | None]) -> Path:
+    sd: dict[str, Tensor] = cf.vgg16_state_dict(2, TINY)
+    for key, value in edit.items():
+        if value is None:
+            del sd[key]
+        else:
+            sd[key] = value
+    path = tmp_path / "edited.pth"
+    torch.save(sd, path)
+    return path
+
+
+def test_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> None:
+    spec = _spec(_vgg_file(tmp_path, {"classifier.3.weight": None, "classifier.3.bias": None}),
+                 "classify", "vgg16", "state_dict", VGG_LABELS)
+    message = _error(CheckpointError, spec)
+    assert "does not fit a 2-class vgg16 of width 0.0625" in message
+    assert "2 missing: classifier.3.weight, classifier.3.bias" in message
+
+    extra = {f"features.{i}.weight": torch.zeros(1) for i in range(40, 46)}
+    message = _error(CheckpointError, _spec(_vgg_file(tmp_path, extra), "classify", "vgg16", "state_dict",
+                                            VGG_LABELS))
+    assert re.search(r"6 unexpected: features\.40\.weight, .* \(and 2 more\)", message)
+
+    shaped = {"features.2.weight": torch.zeros(5, 4, 3, 3)}
+    message = _error(CheckpointError, _spec(_vgg_file(tmp_path, shaped), "classify", "vgg16", "state_dict",
+                                            VGG_LABELS))
+    assert "1 with the wrong shape: features.2.weight [5, 4, 3, 3] (expected [4, 4, 3, 3])" in message
+
+
+def test_ssd_keys_that_do_not_fit(tmp_path: Path) -> None:
+    sd = cf.book_ssd_state_dict(21, TINY)
+    del sd["conf.3.bias"]
+    torch.save(sd, tmp_path / "ssd.pth")
+    message = _error(CheckpointError, _spec(tmp_path / "ssd.pth", fmt="ssd.pytorch", labels=VOC_CLASSES))
+    assert "does not fit an SSD" in message and "conf.3.bias is missing" in message
+
+
+def test_labels_count_is_explained(tiny: dict[str, Path]) -> None:
+    message = _error(ModelConfigError, _spec(tiny["book_ssd300"], fmt="ssd.pytorch", labels=("cat", "dog")))
+    assert (f"{tiny['book_ssd300']} is a 21-class SSD300 in ssd.pytorch layout (20 labels + background), "
+            "but the models file gives 2 labels; give 20 (background excluded") in message
+    message = _error(ModelConfigError, _spec(tiny["book_ssd300"], fmt="ssd.pytorch"))
+    assert "must give its 20 labels" in message
+    message = _error(ModelConfigError, _spec(tiny["book_vgg16"], "classify", "vgg16", "state_dict"))
+    assert "is a 2-class vgg16" in message and "must give its 2 labels" in message
+    message = _error(ModelConfigError, _spec(tiny["tv_ssd300"], fmt="torchvision", labels=("a", "b")))
+    assert "91-class SSD300 in torchvision's layout (91 classes, background at 0)" in message
+    message = _error(ModelConfigError, _spec(tiny["project_vgg16"], "classify", "vgg16", labels=("a",)))
+    assert "carries 3 labels, but the models file gives 1" in message
+
+
+def test_format_that_disagrees_with_the_keys(tiny: dict[str, Path]) -> None:
+    message = _error(CheckpointError, _spec(tiny["tv_ssd300"], fmt="ssd.pytorch", labels=VOC_CLASSES))
+    assert ("is in torchvision's SSD layout (backbone.*, head.*), but the models file says "
+            "format = 'ssd.pytorch'; use format = 'torchvision'") in message
+    message = _error(CheckpointError, _spec(tiny["book_ssd300"], fmt="torchvision"))
+    assert "the book's / ssd.pytorch SSD layout" in message and "use format = 'ssd.pytorch'" in message
+    message = _error(CheckpointError, _spec(tiny["book_vgg16"], "classify", "vgg16", "project", VGG_LABELS))
+    assert "use format = 'torchvision'" in message
+    message = _error(CheckpointError, _spec(tiny["project_ssd300"], fmt="ssd.pytorch"))
+    assert "vision-serve project format" in message and "use format = 'project'" in message
+
+
+def test_arch_and_task_that_disagree_with_the_file(tiny: dict[str, Path]) -> None:
+    message = _error(CheckpointError, _spec(tiny["tv_vgg16_bn"], "classify", "vgg16"))
+    assert "it has BatchNorm layers" in message and "use arch = 'vgg16_bn'" in message
+    message = _error(CheckpointError, _spec(tiny["tv_vgg16"], "classify", "vgg16_bn"))
+    assert "no BatchNorm" in message and "use arch = 'vgg16'" in message
+    message = _error(CheckpointError, _spec(tiny["book_ssd512"], "detect", "ssd300", labels=VOC_CLASSES))
+    assert "21-class SSD512 in ssd.pytorch layout" in message and "use arch = 'ssd512'" in message
+    message = _error(CheckpointError, _spec(tiny["project_ssd512"], "detect", "ssd300"))
+    assert "use arch = 'ssd512'" in message
+    message = _error(CheckpointError, _spec(tiny["tv_vgg16"], "detect", "ssd300"))
+    assert "holds a classifier" in message and "task = 'detect'" in message
+
+
+def test_spec_errors() -> None:
+    path = Path("unused.pth")
+    assert "unknown arch 'resnet50'" in _error(ModelConfigError, _spec(path, "classify", "resnet50"))
+    assert "unknown format 'onnx'" in _error(ModelConfigError, _spec(path, fmt="onnx"))
+    assert "unknown task 'segment'" in _error(ModelConfigError, _spec(path, "segment"))
+    assert "'vgg16' is a classifier" in _error(ModelConfigError, _spec(path, "detect", "vgg16"))
+    assert "classifiers only" in _error(ModelConfigError, _spec(path, resize=300))
+
+
+def test_device_and_precision_errors(tiny: dict[str, Path]) -> None:
+    spec = _spec(tiny["tv_vgg16"], "classify", "vgg16")
+    for device in ("tpu", "cuda:x", "gpu"):
+        with pytest.raises(ModelConfigError, match="unknown device"):
+            load_model(spec, device=device)
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:1"):
+            with pytest.raises(ModelConfigError, match="CUDA is not available"):
+                load_model(spec, device=device)
+    else:
+        with pytest.raises(ModelConfigError, match="does not exist"):
+            load_model(spec, device=f"cuda:{torch.cuda.device_count()}")
+    with pytest.raises(ModelConfigError, match="unknown precision 'int4'"):
+        load_model(spec, precision="int4")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- the project format
+
+
+_PLAIN = (str, int, float, bool, type(None), Tensor)
+
+
+def _assert_plain(obj: Any, where: str = "") -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert isinstance(k, str), where
+            _assert_plain(v, f"{where}.{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _assert_plain(v, f"{where}[{i}]")
+    else:
+        assert type(obj) in _PLAIN, f"{where} is a {type(obj).__name__}"
+
+
+def test_project_file_is_plain_data_and_describes_itself(tiny: dict[str, Path], tmp_path: Path) -> None:
+    built = build_model(_spec(tiny["tv_ssd300"]))
+    path = save_project_checkpoint(tmp_path / "tv.pth", built.model, task="detect", arch="ssd300",
+                                   labels=built.labels, preprocess={"kind": "ssd", "size": 300},
+                                   postprocess={"semantics": "torchvision"}, metadata={"dataset": "coco"})
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    _assert_plain(raw)
+    assert raw["format"] == PROJECT_FORMAT and raw["version"] == 1 and raw["task"] == "detect"
+    assert raw["arch_args"]["ssd_config"]["name"] == "SSD300_COCO"
+    assert raw["arch_args"]["ssd_config"]["clamp_centres"] is False
+    assert raw["postprocess"]["semantics"] == "torchvision" and raw["postprocess"]["class_offset"] == 0
+    assert raw["postprocess"]["config"]["pre_nms_top_k"] == 400 and raw["metadata"] == {"dataset": "coco"}
+
+    again = build_model(_spec(path, fmt="project"))
+    assert (again.ssd_config, again.postprocess, again.class_offset) == (SSD300_COCO, built.postprocess, 0)
+    assert again.labels == built.labels and again.format == "project"
+    sd, sd2 = built.model.state_dict(), again.model.state_dict()
+    assert list(sd) == list(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+def test_project_files_written_by_training(tiny: dict[str, Path]) -> None:
+    """The factory writes the documented dict by hand, as training will: it loads with book semantics."""
+    det = build_model(_spec(tiny["project_ssd300"], fmt="project"))
+    assert det.ssd_config == SSD300_VOC and det.class_offset == 1 and det.labels == list(VOC_CLASSES)
+    assert det.metadata["written_by"] == "tests/checkpoint_factory.py"
+    assert build_model(_spec(tiny["project_ssd512"], arch="ssd512")).ssd_config == SSD512_VOC
+    clf = build_model(_spec(tiny["project_vgg16"], "classify", "vgg16"))
+    assert clf.labels == ["ant", "bee", "wasp"] and clf.transform.input_size == (224, 224)
+
+
+def test_project_file_errors(tmp_path: Path) -> None:
+    ckpt = cf.ssd_project_dict(VOC_CLASSES, width=TINY)
+    cf.write_project(tmp_path / "v2.pth", {**ckpt, "version": 2})
+    message = _error(CheckpointError, _spec(tmp_path / "v2.pth", fmt="project"))
+    assert "version 2" in message and "reads version 1" in message
+    cf.write_project(tmp_path / "nolabels.pth", {k: v for k, v in ckpt.items() if k != "labels"})
+    assert "no 'labels' entry" in _error(CheckpointError, _spec(tmp_path / "nolabels.pth", fmt="project"))
+    cf.write_project(tmp_path / "post.pth", {**ckpt, "postprocess": {"semantics": "caffe"}})
+    assert "semantics is 'caffe'" in _error(CheckpointError, _spec(tmp_path / "post.pth", fmt="project"))
+    cf.write_project(tmp_path / "few.pth", {**ckpt, "labels": ["a", "b"]})
+    assert "2 labels for 21 classes" in _error(CheckpointError, _spec(tmp_path / "few.pth", fmt="project"))
+    cf.write_project(tmp_path / "pre.pth", {**ckpt, "preprocess": {"kind": "ssd", "size": "large"}})
+    assert "cannot be read (ValueError" in _error(CheckpointError, _spec(tmp_path / "pre.pth", fmt="project"))
+    cf.write_project(tmp_path / "kind.pth", {**ckpt, "preprocess": {"kind": "classifier", "size": 300}})
+    assert "does not suit a ssd300" in _error(CheckpointError, _spec(tmp_path / "kind.pth", fmt="project"))
+    boxes = {**ckpt["arch_args"]["ssd_config"], "feature_maps": [37, 19, 10, 5, 3, 1]}
+    args = {**ckpt["arch_args"], "ssd_config": boxes}
+    cf.write_project(tmp_path / "boxes.pth", {**ckpt, "arch_args": args})
+    message = _error(CheckpointError, _spec(tmp_path / "boxes.pth", fmt="project"))
+    assert "default boxes (8432) do not match the network's 8732 outputs" in message  # 37^2*4 vs 38^2*4
+
+
+def test_project_writer_refuses_what_weights_only_cannot_read(tmp_path: Path) -> None:
+    from models.ssd import ssd300
+
+    with pytest.raises(ModelConfigError, match=r"metadata\.when is a datetime"):
+        import datetime
+
+        save_project_checkpoint(tmp_path / "x.pth", ssd300(21, width=TINY), task="detect", arch="ssd300",
+                                labels=VOC_CLASSES, preprocess={"kind": "ssd", "size": 300},
+                                metadata={"when": datetime.datetime.now()})
+    assert not (tmp_path / "x.pth").exists()
