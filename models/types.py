@@ -20,7 +20,8 @@ ARCHS: tuple[str, ...] = ("vgg16", "vgg16_bn", "ssd300", "ssd512")
 
 #: Checkpoint layouts ``models.checkpoints`` reads.
 #: - ``torchvision``: torchvision's own state_dict (VGG16 ImageNet, ssd300_vgg16 COCO);
-#: - ``ssd.pytorch``: the book's / amdegroot's SSD keys (``vgg.*``, ``extras.*``, ``L2Norm.weight``, ``loc.*``, ``conf.*``);
+#: - ``ssd.pytorch``: the book's / amdegroot's SSD keys
+#:   (``vgg.*``, ``extras.*``, ``L2Norm.weight``, ``loc.*``, ``conf.*``);
 #: - ``state_dict``: a VGG16 ``state_dict()`` with a replaced ``classifier.6`` (the book's chapter 1);
 #: - ``project``: our self-describing checkpoint (see ``models.checkpoints``);
 #: - ``auto``: detect from the keys where that is unambiguous.
