@@ -1,0 +1,141 @@
+"""``python -m app [--host 127.0.0.1] [--port 8000]``: check settings, load the models, serve.
+
+The models are loaded BEFORE uvicorn starts, so a bad models file or checkpoint stops the start
+with one message naming the file and the problem (exit 1; bad settings exit 2), never a traceback.
+The warm-up runs once the socket is up (``/health/live`` answers during it); a warm-up failure
+stops the server with exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.logs import configure_logging
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+#: The models file shipped in the repository; its checkpoints come from ``weights/download.py``.
+DEFAULT_MODELS_FILE = Path("weights/models.toml")
+
+
+def fail(message: str, code: int = 1) -> int:
+    print(f"vision-serve: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m app", description="Serve VGG16 / SSD models over HTTP.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        return fail(f"invalid settings: {_describe(exc)}", 2)
+    try:
+        device, precision = settings.torch_device, settings.torch_precision
+    except ValueError as exc:
+        return fail(f"invalid settings: {exc}", 2)
+    configure_logging(settings.log_level, settings.log_json)
+
+    # heavy imports after the settings check, so a typo answers at once
+    import torch
+    import uvicorn
+
+    from app.main import create_app
+    from app.metrics import Metrics
+    from app.models_file import ModelsFileError, read_models_file
+    from app.service import load_predictors
+    from models import CheckpointError, ModelConfigError
+
+    torch.set_num_threads(settings.resolved_torch_threads)
+    started = time.perf_counter()
+    try:
+        models_file = read_models_file(settings.models_file)
+    except ModelsFileError as exc:
+        return fail(f"{exc}{_how_to_get_weights(settings.models_file)}")
+    missing = [spec for spec in models_file.specs if not spec.weights.is_file()]
+    if missing:
+        names = ", ".join(f"{spec.name} ({spec.weights})" for spec in missing)
+        hint = _how_to_get_weights(settings.models_file)
+        return fail(f"{settings.models_file}: checkpoint file(s) not found: {names}{hint}")
+    metrics = Metrics()
+    log.info(
+        "loading %d model(s) from %s on %s (%s)",
+        len(models_file.specs),
+        settings.models_file,
+        device,
+        precision,
+    )
+    try:
+        predictors = load_predictors(models_file, settings, metrics)
+    except (CheckpointError, ModelConfigError) as exc:
+        return fail(f"{settings.models_file}: {exc}")
+    log.info(
+        "models loaded in %.1f s; starting the server on %s:%d",
+        time.perf_counter() - started,
+        args.host,
+        args.port,
+    )
+
+    fatal: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(exc: BaseException) -> None:
+        fatal.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, predictors, defaults=models_file.defaults, metrics=metrics, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if fatal:
+        return fail(f"warm-up failed: {fatal[0]}")
+    return 0
+
+
+def _describe(exc: ValidationError) -> str:
+    """Settings errors as ``VISION_NAME: problem (got 'value')``, joined by "; "."""
+    parts = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        if error["loc"]:
+            name = "VISION_" + "_".join(str(p) for p in error["loc"]).upper()
+            parts.append(f"{name}: {message} (got {error.get('input')!r})")
+        else:
+            parts.append(message)
+    return "; ".join(parts)
+
+
+def _how_to_get_weights(models_file: Path) -> str:
+    """What to do when the shipped models file's checkpoints are not there (empty for other files)."""
+    if models_file.resolve() != DEFAULT_MODELS_FILE.resolve():
+        return ""
+    return (
+        "\nThe default models file lists public checkpoints that are not in the repository."
+        "\nEither run (from the repository root)"
+        "\n    python weights/download.py"
+        "\nwhich needs the network and checks each file's SHA-256, or point VISION_MODELS_FILE"
+        "\nat your own models file (see weights/README.md)."
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

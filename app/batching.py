@@ -1,0 +1,262 @@
+"""Per-model micro-batching: many requests' images share one forward pass.
+
+One :class:`MicroBatcher` per served model (LitServe's seam: decode -> batch -> predict -> unbatch):
+
+- Admission is counted in images: :meth:`MicroBatcher.reserve` refuses with 503 OVERLOADED when the
+  images already waiting (reserved for decoding or queued) plus the new ones exceed ``max_queue``, so
+  the wait is bounded before any decoding work starts.
+- A batch closes when it holds ``max_batch_size`` images or ``max_delay_s`` after its first image
+  arrived, whichever comes first. A request's images are separate items, so a request with more
+  images than a batch holds spans several batches; its answer waits for all of them.
+- Items whose deadline passed are dropped before inference (504 DEADLINE_EXCEEDED); items whose
+  request went away (cancelled) are skipped.
+- ``predict`` runs in ONE dedicated thread per model, off the event loop; while it runs, the event loop
+  keeps decoding and queueing the next requests' images, so the next batch is ready when it returns.
+- The outputs are checked (one per input) and mapped back in order. An exception in ``predict``
+  fails that batch's requests with 500 INTERNAL (logged with its traceback); the worker goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from app.errors import deadline_exceeded, draining, internal, overloaded
+from app.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+R = TypeVar("R")
+
+
+@dataclass(eq=False)
+class _Item(Generic[InT, OutT]):
+    value: InT
+    deadline: float  # event-loop clock (loop.time())
+    enqueued: float  # event-loop clock
+    future: asyncio.Future[OutT] = field(repr=False)
+
+
+class Ticket:
+    """Room for ``count`` images in a batcher's queue, taken by :meth:`MicroBatcher.reserve`.
+
+    Use it as a context manager: whatever was not submitted is given back on exit.
+    """
+
+    def __init__(self, batcher: MicroBatcher[Any, Any], count: int) -> None:
+        self._batcher = batcher
+        self.unsubmitted = count
+
+    def release(self) -> None:
+        self._batcher._waiting -= self.unsubmitted
+        self.unsubmitted = 0
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class MicroBatcher(Generic[InT, OutT]):
+    """Collects single images into batches for ``predict`` (see the module docstring).
+
+    ``predict(values) -> outputs`` must return one output per value, in order; it is only ever called
+    from the batcher's own thread.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        predict: Callable[[list[InT]], Sequence[OutT]],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_s >= 0")
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._predict = predict
+        self._metrics = metrics
+        self._items: deque[_Item[InT, OutT]] = deque()
+        self._waiting = 0  # images reserved (decoding) or queued; <= max_queue
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._running: list[_Item[InT, OutT]] = []  # the batch in the inference thread now
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the worker; queued images fail with 503 DRAINING; the thread is shut down."""
+        self._closed = True
+        running = self._running  # the worker clears it when cancelled
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in [*running, *self._items]:
+            if not item.future.done():
+                item.future.set_exception(draining())
+        self._items.clear()
+        self._running = []
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def run_in_thread(self, fn: Callable[[], R]) -> R:
+        """Run ``fn`` in the model's inference thread (warm-up uses it: same thread as predict)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Images waiting in the queue now (not counting reserved ones still decoding)."""
+        return len(self._items)
+
+    def reserve(self, count: int) -> Ticket:
+        """Room for ``count`` images; raises 503 OVERLOADED (or DRAINING) when there is none."""
+        if self._closed:
+            raise draining()
+        if self._waiting + count > self.max_queue:
+            if self._metrics is not None:
+                self._metrics.rejects.labels("OVERLOADED").inc()
+            raise overloaded(self.name)
+        self._waiting += count
+        return Ticket(self, count)
+
+    async def submit(
+        self, values: Sequence[InT], deadline: float, ticket: Ticket | None = None
+    ) -> list[OutT]:
+        """Queue ``values`` (one image each) and wait for their outputs, in order.
+
+        ``deadline`` is on the event-loop clock (``loop.time()``). Without a ticket, room is reserved
+        here (503 OVERLOADED when full). Raises ApiError 504 past the deadline, 500 on a failed batch.
+        """
+        loop = asyncio.get_running_loop()
+        if ticket is None:
+            with self.reserve(len(values)) as own:
+                return await self.submit(values, deadline, own)
+        if len(values) > ticket.unsubmitted:
+            raise ValueError(f"ticket has room for {ticket.unsubmitted} images, not {len(values)}")
+        if self._closed:
+            raise draining()
+        ticket.unsubmitted -= len(values)  # now counted as queued; the worker releases them
+        now = loop.time()
+        futures: list[asyncio.Future[OutT]] = []
+        for value in values:
+            future: asyncio.Future[OutT] = loop.create_future()
+            self._items.append(_Item(value, deadline, now, future))
+            futures.append(future)
+        self._update_depth()
+        self._wakeup.set()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise deadline_exceeded() from None
+        finally:
+            for future in futures:  # the others of a failed request need no forward pass
+                future.cancel()
+
+    # -- worker ---------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            if batch:
+                self._running = batch
+                try:
+                    await self._process(batch)
+                except Exception:  # a bug here must not kill the worker
+                    log.exception("model %s: batch handling failed", self.name)
+                    self._fail(batch)
+                finally:
+                    self._running = []
+
+    async def _collect(self) -> list[_Item[InT, OutT]]:
+        """Wait for a first image, then until the batch is full or ``max_delay_s`` after it arrived."""
+        loop = asyncio.get_running_loop()
+        while not self._items:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        close_at = self._items[0].enqueued + self.max_delay_s
+        while len(self._items) < self.max_batch_size:
+            remaining = close_at - loop.time()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                break
+        now = loop.time()
+        batch: list[_Item[InT, OutT]] = []
+        while self._items and len(batch) < self.max_batch_size:
+            item = self._items.popleft()
+            self._waiting -= 1
+            if item.future.done():  # its request is gone (cancelled, or failed elsewhere)
+                continue
+            if item.deadline <= now:
+                item.future.set_exception(deadline_exceeded())
+                if self._metrics is not None:
+                    self._metrics.rejects.labels("DEADLINE_EXCEEDED").inc()
+                continue
+            batch.append(item)
+            if self._metrics is not None:
+                self._metrics.queue_wait_seconds.labels(self.name).observe(now - item.enqueued)
+        self._update_depth()
+        return batch
+
+    async def _process(self, batch: list[_Item[InT, OutT]]) -> None:
+        values = [item.value for item in batch]
+        start = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._predict, values)
+        except Exception as exc:
+            log.error("model %s: predict failed on a batch of %d", self.name, len(batch), exc_info=exc)
+            self._fail(batch)
+            return
+        elapsed = time.perf_counter() - start
+        if self._metrics is not None:
+            self._metrics.inference_seconds.labels(self.name).observe(elapsed)
+            self._metrics.batch_size.labels(self.name).observe(len(batch))
+        if len(outputs) != len(batch):
+            log.error(
+                "model %s: predict returned %d outputs for %d inputs", self.name, len(outputs), len(batch)
+            )
+            self._fail(batch)
+            return
+        for item, output in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+
+    def _fail(self, batch: list[_Item[InT, OutT]]) -> None:
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(internal())
+
+    def _update_depth(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.labels(self.name).set(len(self._items))

@@ -1,0 +1,66 @@
+"""Typed dependencies of the routers (``Annotated[..., Depends(...)]``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from app.errors import validation_error
+from app.metrics import Metrics
+from app.service import ModelRegistry, ServiceState
+from app.settings import Settings
+
+
+def get_state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> ModelRegistry:
+    """The loaded models; 503 NOT_READY while they are still loading."""
+    return state.require_registry()
+
+
+def get_deadline(
+    request: Request,
+    settings: Annotated[Settings, Depends(get_settings)],
+    timeout_ms: Annotated[
+        str | None,
+        Header(
+            alias="X-Request-Timeout-Ms",
+            description="deadline in milliseconds from arrival; at most VISION_REQUEST_TIMEOUT_MS",
+        ),
+    ] = None,
+) -> float:
+    """The request's deadline on the event-loop clock: arrival + min(header, request_timeout_ms)."""
+    budget = settings.request_timeout_ms
+    if timeout_ms is not None:
+        try:
+            asked = int(timeout_ms)
+        except ValueError:
+            raise validation_error("header X-Request-Timeout-Ms must be whole milliseconds") from None
+        if asked <= 0:
+            raise validation_error("header X-Request-Timeout-Ms must be positive")
+        budget = min(asked, budget)
+    received_at = getattr(request.state, "received_at", None)
+    start = received_at if received_at is not None else asyncio.get_running_loop().time()
+    return float(start) + budget / 1000
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+DeadlineDep = Annotated[float, Depends(get_deadline)]

@@ -1,0 +1,94 @@
+"""The service's error type and the JSON error body of the contract.
+
+Every error answer is ``{"error": "<human message>", "code": "<CODE>", "request_id": "<id>"}``
+(``/work/shared/design/api.md``, "Errors"). Code raises :class:`ApiError` (or one of the helpers
+below) anywhere in a request; the handlers in ``app.main`` turn it into that body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+#: Seconds a client should wait before retrying a 503 (sent as ``Retry-After``).
+RETRY_AFTER_SECONDS = 1
+
+
+class ApiError(Exception):
+    """An error with its HTTP status and contract code; ``message`` is shown to the client."""
+
+    def __init__(
+        self, status_code: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        if status_code == 503:
+            self.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+
+
+def invalid_image(message: str) -> ApiError:
+    return ApiError(400, "INVALID_IMAGE", message)
+
+
+def model_not_found(message: str) -> ApiError:
+    return ApiError(404, "MODEL_NOT_FOUND", message)
+
+
+def wrong_task(message: str) -> ApiError:
+    return ApiError(409, "WRONG_TASK", message)
+
+
+def payload_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "PAYLOAD_TOO_LARGE",
+        f"request body is larger than the limit of {limit} bytes (VISION_MAX_BODY_BYTES)",
+    )
+
+
+def image_too_large(width: int, height: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "IMAGE_TOO_LARGE",
+        f"image of {width}x{height} = {width * height} pixels is over the limit of {limit} pixels "
+        "(VISION_MAX_IMAGE_PIXELS)",
+    )
+
+
+def too_many_files(limit: int) -> ApiError:
+    return ApiError(413, "TOO_MANY_FILES", f"more than {limit} images in one request (VISION_MAX_FILES)")
+
+
+def unsupported_media_type(message: str) -> ApiError:
+    return ApiError(415, "UNSUPPORTED_MEDIA_TYPE", message)
+
+
+def validation_error(message: str) -> ApiError:
+    return ApiError(422, "VALIDATION_ERROR", message)
+
+
+def overloaded(model: str) -> ApiError:
+    return ApiError(503, "OVERLOADED", f"model '{model}' has too many images waiting; retry later")
+
+
+def not_ready(message: str) -> ApiError:
+    return ApiError(503, "NOT_READY", message)
+
+
+def draining() -> ApiError:
+    return ApiError(503, "DRAINING", "the server is shutting down")
+
+
+def deadline_exceeded() -> ApiError:
+    return ApiError(504, "DEADLINE_EXCEEDED", "the request waited past its deadline")
+
+
+def internal(message: str = "internal error; see the server log") -> ApiError:
+    return ApiError(500, "INTERNAL", message)
+
+
+def error_body(code: str, message: str, request_id: str) -> dict[str, str]:
+    """The contract's error JSON."""
+    return {"error": message, "code": code, "request_id": request_id}

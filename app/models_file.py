@@ -1,0 +1,202 @@
+"""Read the models file (TOML) into :class:`models.ModelSpec` entries.
+
+Format (``/work/shared/design/api.md``, "Starting the service")::
+
+    [[models]]
+    name = "ssd-voc"              # [a-z0-9][a-z0-9._-]*, unique
+    task = "detect"               # classify | detect
+    arch = "ssd300"               # models.ARCHS
+    format = "ssd.pytorch"        # models.FORMATS
+    weights = "ssd300_mAP_77.43_v2.pth"   # relative to this file's folder
+    labels = ["aeroplane", "..."] # or labels_file = "voc.txt"; neither: the checkpoint's / format's own
+    sha256 = "..."                # optional, 64 hex digits
+    default = true                # at most one per task; none marked: the first of the task
+    # classify only: resize, crop, top_k; detect only: score_threshold, iou_threshold, max_detections
+
+Every problem raises :class:`ModelsFileError` whose message names the file and the entry.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from models import ARCHS, FORMATS, ModelSpec
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
+
+#: Which task each known architecture serves (an entry with another task is a mistake).
+ARCH_TASKS: dict[str, str] = {
+    "vgg16": "classify",
+    "vgg16_bn": "classify",
+    "ssd300": "detect",
+    "ssd512": "detect",
+}
+
+#: Per-model request defaults that only make sense for one task.
+_CLASSIFY_ONLY = ("top_k", "resize", "crop")
+_DETECT_ONLY = ("score_threshold", "iou_threshold", "max_detections")
+
+
+class ModelsFileError(ValueError):
+    """The models file is missing, not TOML, or has a bad entry; the message says where."""
+
+
+class _Entry(BaseModel):
+    """One ``[[models]]`` table, as written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)]
+    task: Literal["classify", "detect"]
+    arch: str
+    format: str
+    weights: Annotated[str, Field(min_length=1)]
+    labels: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    labels_file: str | None = None
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None
+    default: bool = False
+    resize: Annotated[int, Field(ge=1, le=4096)] | None = None
+    crop: Annotated[int, Field(ge=1, le=4096)] | None = None
+    top_k: Annotated[int, Field(ge=1, le=1000)] | None = None
+    score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    iou_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    max_detections: Annotated[int, Field(ge=1, le=10_000)] | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in ARCHS:
+            raise ValueError(f"unknown arch {value!r}; one of {', '.join(ARCHS)}")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r}; one of {', '.join(FORMATS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _Entry:
+        if self.labels is not None and self.labels_file is not None:
+            raise ValueError("give labels or labels_file, not both")
+        expected = ARCH_TASKS.get(self.arch)
+        if expected is not None and expected != self.task:
+            raise ValueError(f"arch {self.arch!r} is a {expected} model, but task is {self.task!r}")
+        wrong = _DETECT_ONLY if self.task == "classify" else _CLASSIFY_ONLY
+        given = [key for key in wrong if getattr(self, key) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} do(es) not apply to a {self.task} model")
+        return self
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[dict[str, object]] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelsFile:
+    """The served models in file order, and the default model name of each task present."""
+
+    path: Path
+    specs: list[ModelSpec]
+    defaults: dict[str, str]
+
+
+def read_models_file(path: Path) -> ModelsFile:
+    """Parse and check ``path``; relative ``weights``/``labels_file`` paths resolve against its folder.
+
+    Raises ModelsFileError naming the file (and entry) on any problem.
+    """
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelsFileError(f"{path}: models file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelsFileError(f"{path}: cannot read the models file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelsFileError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        document = _File.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelsFileError(f"{path}: {_describe(exc)} (expected only [[models]] tables)") from None
+    if not document.models:
+        raise ModelsFileError(f"{path}: no [[models]] entries: nothing to serve")
+
+    folder = path.parent
+    specs: list[ModelSpec] = []
+    defaults: dict[str, str] = {}
+    seen: set[str] = set()
+    for index, table in enumerate(document.models):
+        where = f"{path}: models[{index}]" + (
+            f" ({table['name']!r})" if isinstance(table.get("name"), str) else ""
+        )
+        try:
+            entry = _Entry.model_validate(table)
+        except ValidationError as exc:
+            raise ModelsFileError(f"{where}: {_describe(exc)}") from None
+        if entry.name in seen:
+            raise ModelsFileError(f"{where}: the name {entry.name!r} is used twice")
+        seen.add(entry.name)
+        if entry.default:
+            if entry.task in defaults:
+                raise ModelsFileError(
+                    f"{where}: a second default {entry.task} model (the first is {defaults[entry.task]!r})"
+                )
+            defaults[entry.task] = entry.name
+        labels = tuple(entry.labels) if entry.labels is not None else None
+        if entry.labels_file is not None:
+            labels = _read_labels(folder / entry.labels_file, where)
+        specs.append(
+            ModelSpec(
+                name=entry.name,
+                task=entry.task,
+                arch=entry.arch,
+                format=entry.format,
+                weights=folder / entry.weights,
+                labels=labels,
+                sha256=entry.sha256.lower() if entry.sha256 else None,
+                resize=entry.resize,
+                crop=entry.crop,
+                score_threshold=entry.score_threshold,
+                iou_threshold=entry.iou_threshold,
+                max_detections=entry.max_detections,
+                top_k=entry.top_k,
+            )
+        )
+    for spec in specs:  # unmarked tasks: the first model of the task is the default
+        defaults.setdefault(spec.task, spec.name)
+    return ModelsFile(path=path, specs=specs, defaults=defaults)
+
+
+def _read_labels(path: Path, where: str) -> tuple[str, ...]:
+    """One label per line; blank lines at the end ignored, blank lines inside refused."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ModelsFileError(f"{where}: cannot read labels_file {path}: {exc.strerror or exc}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels = tuple(line.strip() for line in lines)
+    if not labels:
+        raise ModelsFileError(f"{where}: labels_file {path} is empty")
+    if "" in labels:
+        raise ModelsFileError(f"{where}: labels_file {path} has a blank line at line {labels.index('') + 1}")
+    return labels
+
+
+def _describe(exc: ValidationError) -> str:
+    """pydantic errors in one line: ``key: message; key: message``."""
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "entry"
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"{key}: {message}")
+    return "; ".join(parts)

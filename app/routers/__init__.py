@@ -1,0 +1,1 @@
+"""One router per endpoint group: health (+ metrics), models, predict."""

@@ -1,0 +1,213 @@
+"""What the app serves: the loaded models, their batchers, and the readiness state.
+
+``ServiceState`` lives on ``app.state.service``; the routers reach it through ``app.deps``.
+Loading and warming up are here too, so ``python -m app`` (which loads before uvicorn starts) and
+the lifespan (which loads when it was given nothing) share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from app.batching import MicroBatcher
+from app.errors import draining, model_not_found, not_ready, wrong_task
+from app.metrics import Metrics
+from app.models_file import ModelsFile
+from app.settings import Settings
+from models import (
+    Classifier,
+    ClassifyOutput,
+    Detector,
+    DetectOutput,
+    DetectParams,
+    ModelSpec,
+    Predictor,
+    load_model,
+)
+
+log = logging.getLogger(__name__)
+
+#: One classifier input: (image tensor [3, H, W], top_k).
+ClassifyItem = tuple[torch.Tensor, int]
+#: One detector input: (image tensor [3, H, W], displayed (width, height), post-processing params).
+DetectItem = tuple[torch.Tensor, tuple[int, int], DetectParams]
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with its batcher; ``ready`` once its warm-up forwards ran."""
+
+    name: str
+    predictor: Predictor
+    batcher: MicroBatcher[Any, Any]
+    default: bool
+    ready: bool = False
+
+    @property
+    def task(self) -> str:
+        return self.predictor.info.task
+
+
+class ModelRegistry:
+    """Served models by name, and the default of each task."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self.models: dict[str, ServedModel] = {m.name: m for m in models}
+        self.defaults: dict[str, str] = {m.task: m.name for m in models if m.default}
+
+    def get(self, name: str) -> ServedModel:
+        """Raises 404 MODEL_NOT_FOUND."""
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise model_not_found(f"no model named {name!r} (served: {known})") from None
+
+    def for_task(self, task: str, name: str | None) -> ServedModel:
+        """The named model (checked to serve ``task``: else 409 WRONG_TASK) or the task's default."""
+        if name is None:
+            if task not in self.defaults:
+                raise model_not_found(f"no {task} model is served")
+            return self.models[self.defaults[task]]
+        served = self.get(name)
+        if served.task != task:
+            raise wrong_task(f"model {name!r} is a {served.task} model; it cannot {task}")
+        return served
+
+
+@dataclass
+class ServiceState:
+    """Everything the request handlers need, on ``app.state.service``."""
+
+    settings: Settings
+    metrics: Metrics
+    decode_pool: ThreadPoolExecutor
+    registry: ModelRegistry | None = None
+    not_ready_reason: str | None = "starting"
+    draining: bool = False
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return self.not_ready_reason is None and not self.draining
+
+    def check_serving(self, model: ServedModel) -> None:
+        """Raises 503 DRAINING / NOT_READY unless ``model`` takes requests now."""
+        if self.draining:
+            raise draining()
+        if not model.ready:
+            raise not_ready(f"model {model.name!r} is still warming up")
+
+    def require_registry(self) -> ModelRegistry:
+        if self.registry is None:
+            if self.draining:
+                raise draining()
+            raise not_ready(f"models are not loaded yet ({self.not_ready_reason})")
+        return self.registry
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+def batch_predict_fn(predictor: Predictor) -> Callable[[list[Any]], Sequence[Any]]:
+    """The function a model's batcher calls: stack the items' tensors, predict, one output each."""
+    if isinstance(predictor, Classifier):
+        classifier = predictor
+
+        def classify(items: list[ClassifyItem]) -> list[ClassifyOutput]:
+            batch = torch.stack([tensor for tensor, _ in items])  # B x [3, H, W] -> [B, 3, H, W]
+            return classifier.predict(batch, top_k=[k for _, k in items])
+
+        return classify
+    if isinstance(predictor, Detector):
+        detector = predictor
+
+        def detect(items: list[DetectItem]) -> list[DetectOutput]:
+            batch = torch.stack([tensor for tensor, _, _ in items])  # B x [3, H, W] -> [B, 3, H, W]
+            return detector.predict(
+                batch, image_sizes=[size for _, size, _ in items], params=[p for *_, p in items]
+            )
+
+        return detect
+    raise TypeError(f"not a Classifier or Detector: {type(predictor).__name__}")
+
+
+def serve_models(
+    predictors: Sequence[Predictor], defaults: dict[str, str] | None, settings: Settings, metrics: Metrics
+) -> ModelRegistry:
+    """Wrap loaded predictors for serving; ``defaults`` maps task -> name (else the first of each task)."""
+    chosen = dict(defaults or {})
+    served: list[ServedModel] = []
+    for predictor in predictors:
+        info = predictor.info
+        if any(m.name == info.name for m in served):
+            raise ValueError(f"two models are named {info.name!r}")
+        chosen.setdefault(info.task, info.name)
+        batcher: MicroBatcher[Any, Any] = MicroBatcher(
+            info.name,
+            batch_predict_fn(predictor),
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000,
+            max_queue=settings.max_queue_images,
+            metrics=metrics,
+        )
+        served.append(ServedModel(info.name, predictor, batcher, default=chosen[info.task] == info.name))
+        metrics.model_ready.labels(info.name).set(0)
+    return ModelRegistry(served)
+
+
+def load_predictors(
+    models_file: ModelsFile, settings: Settings, metrics: Metrics | None = None
+) -> list[Predictor]:
+    """``load_model`` for each entry in file order (blocking; seconds per full-size model).
+
+    Raises CheckpointError / ModelConfigError from ``models`` unchanged.
+    """
+    predictors: list[Predictor] = []
+    for spec in models_file.specs:
+        predictors.append(load_one(spec, settings, metrics))
+    return predictors
+
+
+def load_one(spec: ModelSpec, settings: Settings, metrics: Metrics | None = None) -> Predictor:
+    start = time.perf_counter()
+    predictor = load_model(spec, device=settings.torch_device, precision=settings.torch_precision)
+    seconds = time.perf_counter() - start
+    log.info(
+        "loaded model %s (%s %s, %s) on %s in %.2f s",
+        spec.name,
+        spec.arch,
+        spec.format,
+        predictor.info.dtype,
+        predictor.info.device,
+        seconds,
+    )
+    if metrics is not None:
+        metrics.model_load_seconds.labels(spec.name).set(seconds)
+    return predictor
+
+
+async def warm_up(state: ServiceState) -> None:
+    """Run every model's warm-up forwards (each batch size 1..max_batch_size) in its own thread."""
+    registry = state.require_registry()
+    sizes = list(range(1, state.settings.max_batch_size + 1))
+    for index, model in enumerate(registry.models.values(), start=1):
+        state.not_ready_reason = f"warming up model {model.name!r} ({index}/{len(registry.models)})"
+        start = time.perf_counter()
+        await model.batcher.run_in_thread(functools.partial(model.predictor.warmup, sizes))
+        seconds = time.perf_counter() - start
+        model.ready = True
+        state.metrics.model_warmup_seconds.labels(model.name).set(seconds)
+        state.metrics.model_ready.labels(model.name).set(1)
+        log.info("model %s warmed up (batch sizes 1..%d) in %.2f s", model.name, sizes[-1], seconds)
+    state.not_ready_reason = None
+    log.info("ready: %d model(s) serving", len(registry.models))

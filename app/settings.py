@@ -1,0 +1,156 @@
+"""Service settings, read from ``VISION_*`` environment variables and an optional ``.env``.
+
+Bad values stop the start (``python -m app`` prints the pydantic message and exits 2). Nothing
+here runs at import time: build ``Settings()`` where the service starts.
+
+``precision="auto"`` picks bf16 where the hardware does it natively -- a CUDA device that reports
+bf16 support, or a CPU with AMX or AVX512-BF16 (``/proc/cpuinfo`` flags ``amx_bf16`` /
+``avx512_bf16``) -- and fp32 everywhere else. It never picks int8 or fp16.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _default_decode_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    """All settings of the service; each field is ``VISION_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VISION_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    models_file: Path = Field(
+        default=Path("weights/models.toml"), description="TOML list of the served models"
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
+    precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = Field(
+        default="fp32",
+        description="inference dtype; auto = bf16 where the device does it natively, else fp32",
+    )
+    max_body_bytes: int = Field(default=20 * MiB, gt=0, description="largest request body in bytes")
+    max_image_pixels: int = Field(
+        default=40_000_000, gt=0, description="largest image (width*height), checked before decoding"
+    )
+    max_files: int = Field(default=32, gt=0, description="most images in one request")
+    max_batch_size: int = Field(default=8, ge=1, le=256, description="most images in one forward pass")
+    max_delay_ms: float = Field(
+        default=5.0, ge=0, le=10_000, description="how long a batch waits for more images"
+    )
+    max_queue_images: int = Field(
+        default=64, gt=0, description="images waiting per model before 503 OVERLOADED"
+    )
+    request_timeout_ms: int = Field(
+        default=30_000,
+        gt=0,
+        description="request deadline; X-Request-Timeout-Ms may shorten it, never lengthen",
+    )
+    docs_enabled: bool = Field(default=True, description="serve /docs, /redoc and /openapi.json")
+    torch_threads: int | None = Field(
+        default=None, gt=0, description="torch intra-op threads (default: all cores)"
+    )
+    decode_threads: int = Field(
+        default_factory=_default_decode_threads,
+        gt=0,
+        le=64,
+        description="threads that decode and preprocess images",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_json: bool = Field(default=False, description="one JSON object per log line")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_RE.fullmatch(value):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, value: str) -> str:
+        if value == "int8":
+            raise ValueError(
+                "int8 is not implemented yet (no calibrated int8 path exists); use fp32, bf16, fp16 or auto"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        if self.max_queue_images < self.max_files:
+            raise ValueError(
+                f"max_queue_images ({self.max_queue_images}) must be at least max_files ({self.max_files}), "
+                "or a request with max_files images could never be queued"
+            )
+        return self
+
+    @cached_property
+    def torch_device(self) -> str:
+        """The device models load on: ``auto`` resolved, CUDA availability checked.
+
+        Raises ValueError when CUDA was asked for and is not there.
+        """
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ValueError(f"VISION_DEVICE={self.device} but CUDA is not available on this machine")
+            index = int(self.device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"VISION_DEVICE={self.device} but only {torch.cuda.device_count()} CUDA device(s) exist"
+                )
+        return self.device
+
+    @cached_property
+    def torch_precision(self) -> Literal["fp32", "bf16", "fp16"]:
+        """The precision models load in: ``auto`` resolved for :attr:`torch_device`."""
+        if self.precision == "auto":
+            return "bf16" if _bf16_native(self.torch_device) else "fp32"
+        assert self.precision != "int8"  # rejected by the validator
+        return self.precision
+
+    @property
+    def resolved_torch_threads(self) -> int:
+        return self.torch_threads or os.cpu_count() or 1
+
+
+def _bf16_native(device: str) -> bool:
+    """Whether ``device`` runs bf16 in hardware (see the module docstring)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    match = re.search(r"^flags\s*:(.*)$", cpuinfo, flags=re.MULTILINE)
+    return set(match.group(1).split()) if match else set()

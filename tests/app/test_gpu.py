@@ -1,0 +1,71 @@
+"""The service on CUDA (skipped without it): same answers as on the CPU, auto precision is bf16."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from app.models_file import ModelsFile
+from app.service import load_predictors
+from models import Predictor
+from tests.app.harness import CLASSIFIER, DETECTOR, serve, settings_for
+from tests.app.helpers import jpeg, png
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.is_available() is false)"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def cuda_predictors(tiny_entries: ModelsFile) -> list[Predictor]:
+    return load_predictors(tiny_entries, settings_for(device="cuda"))
+
+
+async def test_cuda_answers_match_the_cpu(
+    client: httpx.AsyncClient, cuda_predictors: list[Predictor]
+) -> None:
+    async with serve(cuda_predictors, max_batch_size=4) as gpu:
+        models = (await gpu.get("/v1/models")).json()["models"]
+        assert {m["device"] for m in models} == {"cuda:0"} and {m["dtype"] for m in models} == {"float32"}
+
+        files = [("file", (f"{i}.png", png(64, 48, seed=i))) for i in range(5)]
+        on_gpu = (await gpu.post("/v1/classify", files=files)).json()["results"]
+        on_cpu = (await client.post("/v1/classify", files=files)).json()["results"]
+        for g, c in zip(on_gpu, on_cpu, strict=True):
+            assert [p["score"] for p in g["predictions"]] == pytest.approx(
+                [p["score"] for p in c["predictions"]], abs=1e-3
+            )
+
+        data = jpeg(160, 120)
+        g_det = (await gpu.post("/v1/detect", files={"file": ("a.jpg", data)})).json()["results"][0][
+            "detections"
+        ]
+        c_det = (await client.post("/v1/detect", files={"file": ("a.jpg", data)})).json()["results"][0][
+            "detections"
+        ]
+        assert g_det and abs(len(g_det) - len(c_det)) <= 2  # ties at the threshold may differ
+
+        def boxes(ds: list[dict[str, dict[str, float]]]) -> torch.Tensor:
+            return torch.tensor([[d["box"][k] for k in ("x1", "y1", "x2", "y2")] for d in ds])
+
+        best = box_iou(boxes(g_det), boxes(c_det)).max(dim=1).values
+        assert (best > 0.98).float().mean() > 0.9  # nearly every GPU box has its CPU twin
+
+
+async def test_auto_precision_on_cuda(tiny_entries: ModelsFile) -> None:
+    settings = settings_for(device="cuda", precision="auto")
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert settings.torch_precision == expected
+    predictors = load_predictors(tiny_entries, settings)
+    async with serve(predictors, max_batch_size=2, device="cuda", precision="auto") as gpu:
+        by_name = {m["name"]: m for m in (await gpu.get("/v1/models")).json()["models"]}
+        assert by_name[CLASSIFIER]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[expected]
+        response = await gpu.post("/v1/classify", files={"file": ("a.png", png())})
+        assert response.status_code == 200
+        assert sum(p["score"] for p in response.json()["results"][0]["predictions"]) <= 1.0 + 1e-6
+        assert (await gpu.post("/v1/detect", files={"file": ("a.jpg", jpeg())})).json()["model"] == DETECTOR
