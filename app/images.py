@@ -89,25 +89,6 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise unsupported_media_type(f"image mode {upright.mode} is not supported: {exc}") from None
 
 
-def check_upscaled_pixels(size: tuple[int, int], min_side: int, max_pixels: int) -> None:
-    """Refuse an image that preprocessing would upscale past ``max_pixels``.
-
-    A classifier resizes the shorter side to at least ``min_side`` (its crop size) before cropping,
-    keeping the aspect ratio, so a 4000x1 strip of a few bytes would become 896000x224 pixels
-    (gigabytes). ``size`` is (width, height). Raises 413 IMAGE_TOO_LARGE.
-    """
-    width, height = size
-    scale = min_side / min(width, height)
-    if scale > 1 and (width * scale) * (height * scale) > max_pixels:
-        raise ApiError(
-            413,
-            "IMAGE_TOO_LARGE",
-            f"image of {width}x{height} is too elongated: resizing its shorter side to {min_side} would make "
-            f"{int(width * scale)}x{int(height * scale)} pixels, over the limit of {max_pixels} "
-            "(VISION_MAX_IMAGE_PIXELS)",
-        )
-
-
 def _apply_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip by the EXIF Orientation tag; unreadable EXIF leaves the image as stored."""
     try:

@@ -34,6 +34,10 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 SSD_PIXEL_MEAN_BGR: tuple[float, float, float] = (104.0, 117.0, 123.0)
 SSD_PIXEL_MEAN_RGB: tuple[float, float, float] = SSD_PIXEL_MEAN_BGR[::-1]
 
+#: A classifier image whose resized long side exceeds this many crop sizes is resized only where the
+#: centre crop keeps it (``ClassifierTransform``), so an extreme strip cannot allocate gigabytes.
+ELONGATED_FACTOR = 16
+
 #: Named classifier presets (resize, crop).
 TORCHVISION_CLASSIFIER_PRESET: tuple[int, int] = (256, 224)
 BOOK_CLASSIFIER_PRESET: tuple[int, int] = (224, 224)
@@ -67,10 +71,34 @@ class ClassifierTransform:
 
     def __call__(self, image: Image.Image) -> Tensor:
         _check_rgb(image)
-        image = TF.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR)
+        width, height = image.size
+        long_side = int(self.resize * max(width, height) / min(width, height))  # torchvision's rounding
+        if long_side > ELONGATED_FACTOR * max(self.resize, self.crop):
+            image = self._resize_cropping_long_side(image, long_side)
+        else:
+            image = TF.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR)
         image = TF.center_crop(image, [self.crop])
         x: Tensor = TF.pil_to_tensor(image).to(torch.float32).div_(255.0)  # uint8 (3, crop, crop) -> [0, 1]
         return x.sub_(self._mean).div_(self._std)
+
+    def _resize_cropping_long_side(self, image: Image.Image, long_side: int) -> Image.Image:
+        """Resize only the part of the long side that the centre crop keeps.
+
+        Resizing a 4000x1 strip's shorter side to 256 first would allocate 1,024,000x256 pixels
+        (gigabytes) to keep 224 columns of them. Here PIL resamples just the source span that maps to
+        the crop window along the long side (``resize(box=...)``, same sampling positions; within one
+        grey level of resize-then-crop), and the short side is resized as usual.
+        """
+        width, height = image.size
+        keep = min(self.crop, long_side)
+        start = round((long_side - keep) / 2.0)  # torchvision center_crop's offset
+        if width >= height:
+            scale = width / long_side
+            box = (start * scale, 0.0, (start + keep) * scale, float(height))
+            return image.resize((keep, self.resize), Image.Resampling.BILINEAR, box=box)
+        scale = height / long_side
+        box = (0.0, start * scale, float(width), (start + keep) * scale)
+        return image.resize((self.resize, keep), Image.Resampling.BILINEAR, box=box)
 
     def __repr__(self) -> str:
         return f"ClassifierTransform(resize={self.resize}, crop={self.crop})"

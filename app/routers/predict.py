@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import DeadlineDep, RegistryDep, StateDep
 from app.errors import ApiError, deadline_exceeded, validation_error
-from app.images import check_upscaled_pixels, decode_image
+from app.images import decode_image
 from app.schemas import ERROR_RESPONSES, IMAGE_REQUEST_BODY, ClassifyResponse, DetectResponse
 from app.service import ServedModel, ServiceState
 from app.uploads import read_uploads
@@ -176,13 +176,8 @@ async def _decode_all(
     max_pixels = state.settings.max_image_pixels
     preprocess = served.predictor.preprocess
 
-    # a classifier keeps the aspect ratio while resizing to at least its input size; SSD does not
-    min_side = max(served.predictor.info.input_size) if served.task == "classify" else 0
-
     def work(data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
         image = decode_image(data, max_pixels)
-        if min_side:
-            check_upscaled_pixels(image.size, min_side, max_pixels)
         return preprocess(image), image.size  # size: (width, height) as displayed
 
     jobs = [loop.run_in_executor(state.decode_pool, work, data) for data in uploads]

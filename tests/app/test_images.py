@@ -10,7 +10,7 @@ from PIL import Image, ImageFile
 from PIL.PngImagePlugin import PngImageFile
 
 from app.errors import ApiError
-from app.images import check_upscaled_pixels, decode_image, to_rgb
+from app.images import decode_image, to_rgb
 from tests.app.helpers import encode, image_in_mode, jpeg, photo, png, png_header_only
 
 BIG = 40_000_000
@@ -172,13 +172,3 @@ def test_pixel_limit_is_width_times_height() -> None:
     data = png(64, 48)  # 3072 pixels
     assert code_of(data, max_pixels=3071) == (413, "IMAGE_TOO_LARGE")
     assert decode_image(data, 3072).size == (64, 48)
-
-
-def test_upscale_guard() -> None:
-    check_upscaled_pixels((5000, 500), 224, 40_000_000)  # shorter side already >= 224: no upscaling
-    check_upscaled_pixels((3000, 100), 224, 40_000_000)  # 6720x224: fine
-    with pytest.raises(ApiError) as err:
-        check_upscaled_pixels((4000, 1), 224, 40_000_000)  # 896000x224 = 200 MP
-    assert (err.value.status_code, err.value.code) == (413, "IMAGE_TOO_LARGE")
-    with pytest.raises(ApiError):
-        check_upscaled_pixels((1, 40_000), 224, 40_000_000)

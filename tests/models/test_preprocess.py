@@ -118,3 +118,27 @@ def test_transforms_refuse_non_rgb_images(china: Image.Image) -> None:
             ClassifierTransform(256, 224)(img)
         with pytest.raises(ValueError, match="RGB"):
             SSDTransform(300)(img)
+
+
+@pytest.mark.parametrize(("size", "resize", "crop"), [((6000, 40), 256, 224), ((30, 5000), 224, 224),
+                                                      ((5000, 30), 100, 128)])
+def test_elongated_images_match_resize_then_crop_without_the_huge_intermediate(
+    size: tuple[int, int], resize: int, crop: int
+) -> None:
+    # 6000x40 -> 38400x256 if resized whole: the transform resamples only the cropped span instead
+    pixels = np.random.default_rng(3).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    ours = ClassifierTransform(resize, crop)(image)
+    reference = _book_base_transform(resize, crop)(image)
+    assert ours.shape == reference.shape == (3, crop, crop)
+    # one grey level after normalisation is 1/255/0.225 = 0.0175
+    assert (ours - reference).abs().max().item() <= 1.0 / 255 / min(IMAGENET_STD) + 1e-6
+
+
+def test_a_strip_of_a_few_bytes_does_not_allocate_gigabytes() -> None:
+    strip = Image.new("RGB", (4_000_000, 1), (200, 10, 10))  # resizing it whole: 1e9 x 256 pixels
+    out = ClassifierTransform(256, 224)(strip)
+    assert out.shape == (3, 224, 224)
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    expected = (torch.tensor([200.0, 10.0, 10.0]) / 255 - mean) / std
+    assert torch.allclose(out[:, 100, 100], expected, atol=1e-5)
