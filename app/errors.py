@@ -1,7 +1,7 @@
 """The service's error type and the JSON error body of the contract.
 
 Every error answer is ``{"error": "<human message>", "code": "<CODE>", "request_id": "<id>"}``
-(``/work/shared/design/api.md``, "Errors"). Code raises :class:`ApiError` (or one of the helpers
+(``docs/api.md``, "Errors"). Code raises :class:`ApiError` (or one of the helpers
 below) anywhere in a request; the handlers in ``app.main`` turn it into that body.
 """
 

@@ -1,6 +1,6 @@
 """Read the models file (TOML) into :class:`models.ModelSpec` entries.
 
-Format (``/work/shared/design/api.md``, "Starting the service")::
+Format (``docs/api.md``, "Starting the service")::
 
     [[models]]
     name = "ssd-voc"              # [a-z0-9][a-z0-9._-]*, unique

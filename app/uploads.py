@@ -1,6 +1,6 @@
 """Read the images of a POST body, in any of the contract's request forms, within the limits.
 
-Forms (``/work/shared/design/api.md``, "Request forms"):
+Forms (``docs/api.md``, "Request forms"):
 - ``multipart/form-data`` with one or more ``file`` parts (order kept; other parts ignored);
 - a raw body with ``Content-Type: image/<jpeg|png|webp|bmp|gif|tiff|...>`` (or ``application/octet-stream``);
 - JSON ``{"image": "<base64>"}`` or ``{"images": ["<base64>", ...]}``; ``data:...;base64,`` URLs tolerated.

@@ -14,6 +14,7 @@ Callers use the names exported here:
 from models.errors import CheckpointError, ModelConfigError
 from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
 from models.predictors import Classifier, Detector, Predictor, load_model
+from models.quantize import agreement_report, load_calibration_images, quantize_int8, quantize_predictor
 from models.types import (
     ARCHS,
     FORMATS,
@@ -44,5 +45,9 @@ __all__ = [
     "Precision",
     "Predictor",
     "Task",
+    "agreement_report",
+    "load_calibration_images",
     "load_model",
+    "quantize_int8",
+    "quantize_predictor",
 ]

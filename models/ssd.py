@@ -8,7 +8,7 @@ The network returns raw head outputs; default boxes live in ``models.anchors`` a
 scaling to pixels in ``models.detect``.
 
 Reference: Liu et al., "SSD: Single Shot MultiBox Detector", ECCV 2016 (arXiv:1512.02325); the book is
-"PyTorchによる発展ディープラーニング" ch. 2 (see /work/shared/reference/book-ssd.md, section 2).
+"PyTorchによる発展ディープラーニング" ch. 2 (see shared/reference/book-ssd.md, section 2).
 """
 
 from __future__ import annotations

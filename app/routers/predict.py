@@ -25,7 +25,7 @@ from models import ClassifyOutput, DetectOutput, DetectParams
 
 router = APIRouter(tags=["predict"])
 
-#: Contract defaults (``/work/shared/design/api.md``, "Query parameters") when neither the request
+#: Contract defaults (``docs/api.md``, "Query parameters") when neither the request
 #: nor the model's entry in the models file sets them.
 DEFAULT_TOP_K = 5
 DEFAULT_SCORE_THRESHOLD = 0.5

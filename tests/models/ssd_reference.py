@@ -1,4 +1,4 @@
-"""Test-only reference code for the SSD tests, written from /work/shared/reference/book-ssd.md.
+"""Test-only reference code for the SSD tests, written from shared/reference/book-ssd.md.
 
 - ``BOOK_SSD300_KEYS``: the spec's section 3.2 table (book key, shape, torchvision key), 71 rows, book order.
 - ``book_dbox_list``, ``book_decode``, ``book_nm_suppression``, ``book_detect``: straightforward loop versions
