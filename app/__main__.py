@@ -2,6 +2,7 @@
 
 The models are loaded BEFORE uvicorn starts, so a bad models file or checkpoint stops the start
 with one message naming the file and the problem (exit 1; bad settings exit 2), never a traceback.
+Before anything else it re-executes itself with glibc's malloc tuned (``app/allocator.py``).
 The warm-up runs once the socket is up (``/health/live`` answers during it); a warm-up failure
 stops the server with exit 1.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from app.allocator import reexec_with_tuning
 from app.logs import configure_logging
 from app.settings import Settings
 
@@ -31,6 +33,8 @@ def fail(message: str, code: int = 1) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # a real start (not a test calling main): tune glibc malloc first
+        reexec_with_tuning(sys.argv[1:])
     parser = argparse.ArgumentParser(prog="python -m app", description="Serve VGG16 / SSD models over HTTP.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")

@@ -98,6 +98,13 @@ def server(tiny_models_file: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             process.wait(timeout=30)
 
 
+def test_the_start_tuned_glibc_malloc(server: Server) -> None:
+    # python -m app re-executes itself (same pid) with the allocator variables (app/allocator.py)
+    environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+    assert b"MALLOC_MMAP_MAX_=0" in environ
+    assert any(item.startswith(b"MALLOC_TRIM_THRESHOLD_=") for item in environ)
+
+
 def test_real_jpegs_over_real_http(server: Server) -> None:
     china, flower = photo_bytes("china.jpg"), photo_bytes("flower.jpg")
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
