@@ -1,0 +1,217 @@
+"""The model-only ceiling: the same network in an eager PyTorch loop over preprocessed tensors.
+
+What a careful engineer gets without a server: the checkpoint built by ``models`` (the very code
+the service runs), cast to the precision (bf16/fp16 weights and inputs, no autocast), channels_last,
+``torch.inference_mode``, ``cudnn.benchmark`` on CUDA, the same thread count as the service, and a
+sweep of batch sizes of which the best counts. Inputs are random tensors of the network's input
+size: decode, preprocessing and post-processing are not included (the service must pay for those
+and still reach the ratio). Run it in a process of its own, with the allocator settings
+(:data:`ALLOCATOR_ENV`) in its environment: glibc reads them at start.
+
+``python -m bench.ceiling --work-dir DIR --model vgg16 --precisions bf16,fp32 --json out.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+#: glibc malloc settings that keep freed memory in the process (no mmap/munmap and page faults per
+#: batch for the large activations): issue 4 measured 1.2x-2.7x from these on this machine.
+#: 16 GiB: trimming never triggers in practice.
+ALLOCATOR_ENV: dict[str, str] = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+
+#: Batch sizes tried by default on each device.
+CPU_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16)
+GPU_BATCHES: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core count, Python and (when imported) torch version, GPU name."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def time_forward(
+    forward: Callable[[], object],
+    sync: Callable[[], None],
+    min_seconds: float,
+    min_iters: int,
+    warmup_iters: int = 2,
+) -> tuple[int, float]:
+    """Run ``forward`` ``warmup_iters`` times, then until both ``min_iters`` calls and
+    ``min_seconds`` have passed: (timed calls, seconds)."""
+    for _ in range(warmup_iters):
+        forward()
+    sync()
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        forward()
+        n += 1
+        if n >= min_iters:
+            sync()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                return n, elapsed
+
+
+def measure(
+    net: Any,
+    input_size: tuple[int, int],
+    device: str,
+    precision: str,
+    batches: Sequence[int],
+    min_seconds: float,
+    min_iters: int,
+) -> dict[str, Any]:
+    """Images/s of ``net`` (already on ``device`` in ``precision``) at each batch size; ``best`` is
+    the fastest."""
+    import torch
+
+    dtype = getattr(torch, DTYPES[precision])
+    cuda = device.startswith("cuda")
+    sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
+    rows: list[dict[str, Any]] = []
+    error = None
+    for b in batches:
+        x = (
+            torch.randn(b, 3, *input_size, device=device)
+            .to(dtype)
+            .contiguous(memory_format=torch.channels_last)
+        )
+
+        def forward(x: torch.Tensor = x) -> object:
+            return net(x)
+
+        try:
+            with torch.inference_mode():
+                n, seconds = time_forward(forward, sync, min_seconds, min_iters)
+        except torch.cuda.OutOfMemoryError as e:  # the largest batches may not fit: keep the rest
+            error = f"batch {b}: out of memory ({str(e).splitlines()[0]})"
+            torch.cuda.empty_cache()
+            break
+        rows.append(
+            {
+                "batch": b,
+                "images_per_s": round(n * b / seconds, 3),
+                "ms_per_batch": round(1000 * seconds / n, 3),
+                "iters": n,
+            }
+        )
+        print(
+            f"  {precision} batch {b:4d}: {rows[-1]['images_per_s']:10.2f} images/s "
+            f"({rows[-1]['ms_per_batch']:.1f} ms/batch)",
+            flush=True,
+        )
+    best = max(rows, key=lambda r: r["images_per_s"]) if rows else None
+    return {
+        "precision": precision,
+        "device": device,
+        "channels_last": True,
+        "by_batch": rows,
+        "best": best,
+        "error": error,
+    }
+
+
+def bench_spec(work_dir: Path, name: str) -> Any:
+    """The ``models.ModelSpec`` of benchmark model ``name`` (checkpoint under ``work_dir``)."""
+    from bench.inputs import bench_model
+    from models import ModelSpec, Task
+
+    m = bench_model(name, work_dir)
+    task = cast(Task, m.task)
+    return ModelSpec(name=m.name, task=task, arch=m.arch, format=m.format, weights=m.weights, labels=m.labels)
+
+
+def load_network(
+    work_dir: Path, name: str, device: str = "cpu", precision: str = "fp32"
+) -> tuple[Any, tuple[int, int]]:
+    """Benchmark model ``name`` loaded by ``models.load_model`` exactly as the service loads it (on
+    ``device``, weights in ``precision``, channels_last, eval): (its network, (H, W) input size)."""
+    from models import Precision, load_model
+
+    predictor = load_model(bench_spec(work_dir, name), device=device, precision=cast(Precision, precision))
+    return predictor.model, predictor.info.input_size
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ceiling", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("bench-results/work"))
+    parser.add_argument("--model", required=True, help="benchmark model name (vgg16, ssd300)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precisions", type=_csv, default=["bf16", "fp32"])
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in _csv(s)], default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--min-seconds", type=float, default=3.0, help="per batch size")
+    parser.add_argument("--min-iters", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    batches = args.batches or list(GPU_BATCHES if args.device.startswith("cuda") else CPU_BATCHES)
+    results = []
+    input_size: tuple[int, int] = (0, 0)
+    for precision in args.precisions:
+        if precision == "fp16" and not args.device.startswith("cuda"):
+            print("  fp16 skipped on the CPU (no fast fp16 kernels)", flush=True)
+            continue
+        network, input_size = load_network(args.work_dir, args.model, args.device, precision)
+        results.append(
+            measure(network, input_size, args.device, precision, batches, args.min_seconds, args.min_iters)
+        )
+        del network
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    doc = {
+        "model": args.model,
+        "input_size": list(input_size),
+        "threads": threads,
+        "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
+        "machine": machine_info(),
+        "results": results,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Turn measurements into the comparison: medians over repeats, ratios against the targets of
+issue 4, a markdown table and a PNG plot of p99 latency against throughput.
+
+Everything here works on the plain dicts that :mod:`bench.run` stores in ``results.json``, so a
+saved file can be re-reported: ``python -m bench.report bench-results/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.stats import median_or_none, median_records
+
+#: Issue 4's targets (CPU and GPU).
+TARGET_VS_CEILING_CPU = 1.3
+TARGET_VS_CEILING_GPU = 0.8
+TARGET_VS_OPENVINO = 1.0
+TARGET_VS_PEER_FP32 = 3.0
+TARGET_VS_PEER_SAME_PRECISION = 1.3
+TARGET_P99_OVER_P50 = 1.5
+TARGET_P99_OVER_P50_CLIENTS = 16
+TARGET_GPU_IMAGES_PER_S = 2000.0
+TARGET_GPU_P99_MS = 100.0
+OVERLOAD_FACTOR = 4.0
+
+
+def level_key(level: Mapping[str, Any]) -> str:
+    """Identifies a level across repeats: mode, clients or rate factor, images per request, size."""
+    size = level.get("image_size", "")
+    ipr = level.get("images_per_request", 1)
+    if level["mode"] == "closed":
+        return f"closed c={level['concurrency']} k={ipr} {size}"
+    return f"open x{level.get('rate_factor')} k={ipr} {size}"
+
+
+def merge_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One server configuration's repeated runs -> one record whose levels are field-wise medians."""
+    ok_runs = [r for r in runs if r.get("closed") or r.get("open")]  # a failed run keeps its levels
+    base = dict(ok_runs[0] if ok_runs else runs[0])
+    for mode in ("closed", "open"):
+        by_key: dict[str, list[Mapping[str, Any]]] = {}
+        for run in ok_runs:
+            for level in run.get(mode, []):
+                by_key.setdefault(level_key(level), []).append(level)
+        base[mode] = [median_records(levels) for levels in by_key.values()]
+    base["repeats"] = len(ok_runs)
+    base["errors"] = [r["error"] for r in runs if r.get("error")]
+    return base
+
+
+def ceiling_best(docs: Sequence[Mapping[str, Any]], precision: str) -> dict[str, Any] | None:
+    """Median over repeats of the best images/s at ``precision``, with the batch of the first."""
+    bests = [
+        res["best"]
+        for doc in docs
+        for res in doc.get("results", [])
+        if res.get("precision") == precision and res.get("best")
+    ]
+    if not bests:
+        return None
+    value = median_or_none([b["images_per_s"] for b in bests])
+    return {"images_per_s": value, "batch": bests[0]["batch"], "repeats": len(bests)}
+
+
+def primary_levels(server: Mapping[str, Any], base_size: str) -> list[Mapping[str, Any]]:
+    """Closed-loop levels with one image per request at the base image size, by concurrency."""
+    levels = [
+        lvl
+        for lvl in server.get("closed", [])
+        if lvl.get("images_per_request", 1) == 1 and lvl.get("image_size", base_size) == base_size
+    ]
+    return sorted(levels, key=lambda lvl: lvl["concurrency"])
+
+
+def best_level(levels: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    return max(levels, key=lambda lvl: lvl["images_per_s"]) if levels else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _target(name: str, value: float | None, target: float, higher_is_better: bool = True) -> dict[str, Any]:
+    met = None if value is None else (value >= target if higher_is_better else value <= target)
+    return {
+        "name": name,
+        "value": value,
+        "target": (">= " if higher_is_better else "<= ") + f"{target:g}",
+        "met": met,
+    }
+
+
+def summarize_model(
+    doc: Mapping[str, Any], device: str, base_size: str, deadline_ms: float
+) -> dict[str, Any]:
+    """Ratios of one model's measurements against issue 4's targets."""
+    servers = {label: merge_runs(runs) for label, runs in doc.get("servers", {}).items()}
+    ceilings = {p: ceiling_best(doc.get("ceiling", []), p) for p in ("fp32", "bf16", "fp16")}
+    ov = ceiling_best(doc.get("openvino", []), "bf16")
+    gpu = device.startswith("cuda")
+    ours = {label: s for label, s in servers.items() if s.get("kind") == "ours"}
+    ours_best_label, ours_best = None, None
+    for label, server in ours.items():
+        level = best_level(primary_levels(server, base_size))
+        if level is not None and (ours_best is None or level["images_per_s"] > ours_best["images_per_s"]):
+            ours_best_label, ours_best = label, level
+    ours_ips = ours_best["images_per_s"] if ours_best else None
+    ours_precision = servers[ours_best_label]["precision"] if ours_best_label else None
+    baseline_precision = "fp16" if gpu else "bf16"
+    if ours_precision in ceilings and ceilings[ours_precision] is not None:
+        baseline_precision = ours_precision
+    baseline = ceilings.get(baseline_precision)
+    base_ips = baseline["images_per_s"] if baseline else None
+
+    for server in servers.values():  # efficiency of every level against the ceiling of its precision
+        ref = ceilings.get(str(server.get("precision"))) or baseline
+        for level in server.get("closed", []) + server.get("open", []):
+            level["efficiency"] = _ratio(level["images_per_s"], ref["images_per_s"] if ref else None)
+
+    targets = [
+        _target(
+            f"ours / eager {baseline_precision} ceiling",
+            _ratio(ours_ips, base_ips),
+            TARGET_VS_CEILING_GPU if gpu else TARGET_VS_CEILING_CPU,
+        )
+    ]
+    if ov is not None:
+        targets.append(
+            _target("ours / OpenVINO model-only", _ratio(ours_ips, ov["images_per_s"]), TARGET_VS_OPENVINO)
+        )
+    peers: dict[str, Any] = {}
+    for label, server in servers.items():
+        if server.get("kind") == "ours":
+            continue
+        level = best_level(primary_levels(server, base_size))
+        peers[label] = level["images_per_s"] if level else None
+        if server.get("precision") == "fp32":
+            targets.append(_target(f"ours / {label}", _ratio(ours_ips, peers[label]), TARGET_VS_PEER_FP32))
+        elif server.get("precision") == ours_precision:
+            targets.append(
+                _target(f"ours / {label}", _ratio(ours_ips, peers[label]), TARGET_VS_PEER_SAME_PRECISION)
+            )
+    at16 = None
+    if ours_best_label:
+        at16 = next(
+            (
+                lvl
+                for lvl in primary_levels(servers[ours_best_label], base_size)
+                if lvl["concurrency"] == TARGET_P99_OVER_P50_CLIENTS
+            ),
+            None,
+        )
+        if at16 is not None:
+            lat = at16["latency_ms"]
+            targets.append(
+                _target(
+                    f"ours p99 / p50 at {TARGET_P99_OVER_P50_CLIENTS} clients",
+                    _ratio(lat.get("p99"), lat.get("p50")),
+                    TARGET_P99_OVER_P50,
+                    higher_is_better=False,
+                )
+            )
+        overload = [
+            lvl
+            for lvl in servers[ours_best_label].get("open", [])
+            if lvl.get("rate_factor") == OVERLOAD_FACTOR
+        ]
+        if overload:
+            lvl = overload[0]
+            # the server's view (from the actual send): the deadline runs from arrival at the server
+            accepted_p99 = (lvl.get("latency_from_send_ms") or lvl["latency_ms"]).get("p99")
+            ok = (
+                lvl["errors"] == 0
+                and lvl["n_504"] == 0
+                and lvl["n_503_without_retry_after"] == 0
+                and (accepted_p99 is None or accepted_p99 <= deadline_ms)
+            )
+            targets.append(
+                {
+                    "name": f"ours at {OVERLOAD_FACTOR:g}x overload: only 503 + Retry-After, "
+                    "accepted p99 <= deadline",
+                    "value": f"errors {lvl['errors']}, 504 {lvl['n_504']}, 503 {lvl['n_503']} "
+                    f"({lvl['n_503_without_retry_after']} without Retry-After), "
+                    f"accepted p99 {accepted_p99} ms",
+                    "target": f"deadline {deadline_ms:g} ms",
+                    "met": ok,
+                }
+            )
+    if gpu and ours_best_label:
+        fast = [
+            lvl
+            for lvl in servers[ours_best_label].get("closed", [])
+            if (lvl["latency_ms"].get("p99") or 1e9) <= TARGET_GPU_P99_MS
+        ]
+        top = best_level(fast)
+        targets.append(
+            _target(
+                f"ours images/s with p99 <= {TARGET_GPU_P99_MS:g} ms",
+                top["images_per_s"] if top else None,
+                TARGET_GPU_IMAGES_PER_S,
+            )
+        )
+    return {
+        "ceilings": ceilings,
+        "openvino": ov,
+        "baseline_precision": baseline_precision,
+        "ours_best": {
+            "label": ours_best_label,
+            "concurrency": ours_best["concurrency"] if ours_best else None,
+            "images_per_s": ours_ips,
+        },
+        "peers_best_images_per_s": peers,
+        "targets": targets,
+        "servers": servers,
+    }
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The comparison table and the targets table, per model."""
+    out: list[str] = []
+    machine = results.get("machine", {})
+    out.append(
+        f"Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else "")
+        + f"; torch {machine.get('torch', '?')}; device {results.get('config', {}).get('device', 'cpu')}"
+    )
+    base_size = results.get("config", {}).get("image_size", "500x375")
+    for model, doc in results.get("models", {}).items():
+        summary = doc.get("summary")
+        if not summary:
+            continue
+        out.append(f"\n### {model} ({base_size} JPEGs, one image per request)\n")
+        out.append(
+            "| configuration | images/s (best, at clients) | p50 / p99 ms at 16 "
+            "| 503s / errors (all levels) | vs ceiling | client CPU |"
+        )
+        out.append("|---|---|---|---|---|---|")
+        base = summary["ceilings"].get(summary["baseline_precision"])
+        for precision, ceiling in summary["ceilings"].items():
+            if ceiling:
+                eff = _ratio(ceiling["images_per_s"], base["images_per_s"] if base else None)
+                out.append(
+                    f"| eager PyTorch loop {precision} (model only) | {_fmt(ceiling['images_per_s'])} "
+                    f"(batch {ceiling['batch']}) | - | - | {_fmt(eff, 2)} | - |"
+                )
+        if summary.get("openvino"):
+            ov = summary["openvino"]
+            eff = _ratio(ov["images_per_s"], base["images_per_s"] if base else None)
+            out.append(
+                f"| OpenVINO bf16 throughput hint (model only) | {_fmt(ov['images_per_s'])} "
+                f"(batch {ov['batch']}) | - | - | {_fmt(eff, 2)} | - |"
+            )
+        for label, server in summary["servers"].items():
+            levels = primary_levels(server, base_size)
+            best = best_level(levels)
+            if best is None:
+                out.append(
+                    f"| {label} | failed: {'; '.join(server.get('errors', []))[:80]} | - | - | - | - |"
+                )
+                continue
+            at16 = next((lvl for lvl in levels if lvl["concurrency"] == 16), None)
+            lat = (
+                f"{_fmt(at16['latency_ms']['p50'], 0)} / {_fmt(at16['latency_ms']['p99'], 0)}"
+                if at16
+                else "-"
+            )
+            n503 = sum(lvl["n_503"] for lvl in levels)
+            errors = sum(lvl["errors"] + lvl["n_504"] for lvl in levels)
+            cpu = sum(lvl["client_cpu_s"] for lvl in levels) / max(
+                1e-9, sum(lvl["duration_s"] for lvl in levels)
+            )
+            out.append(
+                f"| {label} | {_fmt(best['images_per_s'])} (c={best['concurrency']}) | {lat} "
+                f"| {n503} / {errors} "
+                f"| {_fmt(best.get('efficiency'), 2)} | {100 * cpu:.1f}% of a core |"
+            )
+        out.append("\n| target | value | goal | met |")
+        out.append("|---|---|---|---|")
+        for t in summary["targets"]:
+            met = {True: "yes", False: "NO", None: "-"}[t["met"]]
+            out.append(f"| {t['name']} | {_fmt(t['value'], 2)} | {t['target']} | {met} |")
+    errors = results.get("errors", [])
+    if errors:
+        out.append("\nStage errors:\n" + "\n".join(f"- {e}" for e in errors))
+    return "\n".join(out) + "\n"
+
+
+def plot(results: Mapping[str, Any], path: Path) -> Path | None:
+    """p99 latency against images/s, one panel per model, one line per server configuration
+    (closed-loop levels, labelled by clients), ceilings as vertical lines. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    models = [(m, d["summary"]) for m, d in results.get("models", {}).items() if d.get("summary")]
+    if not models:
+        return None
+    base_size = results.get("config", {}).get("image_size", "500x375")
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    for ax, (model, summary) in zip(axes[0], models, strict=True):
+        for label, server in summary["servers"].items():
+            levels = primary_levels(server, base_size)
+            pts = [
+                (lvl["images_per_s"], lvl["latency_ms"]["p99"], lvl["concurrency"])
+                for lvl in levels
+                if lvl["latency_ms"]["p99"]
+            ]
+            if not pts:
+                continue
+            style = "-o" if server.get("kind") == "ours" else "--s"
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                style,
+                label=label,
+                linewidth=2 if server.get("kind") == "ours" else 1,
+            )
+            for x, y, c in pts:
+                ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        for precision, ceiling in summary["ceilings"].items():
+            if ceiling:
+                ax.axvline(ceiling["images_per_s"], linestyle=":", color="grey")
+                ax.text(
+                    ceiling["images_per_s"],
+                    ax.get_ylim()[1],
+                    f" eager {precision}",
+                    rotation=90,
+                    va="top",
+                    fontsize=7,
+                    color="grey",
+                )
+        if summary.get("openvino"):
+            x = summary["openvino"]["images_per_s"]
+            ax.axvline(x, linestyle=":", color="purple")
+            ax.text(x, ax.get_ylim()[1], " OpenVINO", rotation=90, va="top", fontsize=7, color="purple")
+        ax.set_yscale("log")
+        ax.set_xlim(left=0)
+        ax.set_xlabel("throughput, images/s")
+        ax.set_ylabel("p99 latency, ms (log)")
+        ax.set_title(f"{model}: p99 latency vs throughput (labels: clients)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    machine = results.get("machine", {})
+    fig.suptitle(
+        f"{machine.get('gpu') or machine.get('cpu', '')}, {machine.get('cores', '?')} cores", fontsize=9
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def finish(results: dict[str, Any], out_dir: Path) -> str:
+    """Add each model's summary, write results.json, table.md and the plot; the table's text."""
+    config = results.get("config", {})
+    for doc in results.get("models", {}).values():
+        doc["summary"] = summarize_model(
+            doc,
+            config.get("device", "cpu"),
+            config.get("image_size", "500x375"),
+            float(config.get("deadline_ms") or 30000),
+        )
+    table = markdown(results)
+    picture = plot(results, out_dir / "latency_throughput.png")
+    results["outputs"] = {"table": "table.md", "plot": picture.name if picture else None}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    (out_dir / "table.md").write_text(table)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="re-report a results.json")
+    parser.add_argument("results", type=Path)
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    print(finish(results, args.results.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Benchmark plumbing: level tokens, defaults per mode and device, the server configurations it
+starts, the JPEG inputs, and a server process's start / readiness / CPU accounting / stop."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.ceiling import ALLOCATOR_ENV, time_forward
+from bench.inputs import _toml_entry, bench_model, find_packaged_file, fit, images_of_size, write_images
+from bench.run import Bench, Level, build_parser, parse_levels, resolve_defaults
+from bench.servers import ServerConfig, ServerProcess, http_get_status
+
+
+def args_for(*argv: str) -> argparse.Namespace:
+    return resolve_defaults(build_parser().parse_args(list(argv)))
+
+
+def test_level_tokens() -> None:
+    assert parse_levels("1, 16,32x8,16@1920x1080,4x2@1920x1080", "500x375") == [
+        Level(1, 1, "500x375"),
+        Level(16, 1, "500x375"),
+        Level(32, 8, "500x375"),
+        Level(16, 1, "1920x1080"),
+        Level(4, 2, "1920x1080"),
+    ]
+    with pytest.raises(ValueError):
+        Level.parse("0", "500x375")
+
+
+def test_defaults_by_mode_and_device(tmp_path: Path) -> None:
+    quick = args_for("--quick", "--out", str(tmp_path))
+    assert quick.models == ["vgg16"] and quick.ours == ["bf16"]
+    assert quick.peers == ["fastapi", "litserve"] and quick.openvino is True
+    assert quick.peer_precisions == ["fp32", "bf16"]  # typical setup and ours' precision
+    assert quick.work_dir == tmp_path / "work"
+    full = args_for()
+    assert full.models == ["vgg16", "ssd300"]
+    assert [lv.clients for lv in parse_levels(full.concurrency, "500x375")][:7] == [1, 2, 4, 8, 16, 32, 64]
+    gpu = args_for("--device", "cuda", "--peers", "none")
+    assert gpu.ours == ["fp16"] and gpu.peers == [] and gpu.openvino is False
+    assert gpu.ceiling_precisions == ["fp16", "bf16", "fp32"] and max(gpu.batches) >= 128
+    assert args_for("--ours", "int8,bf16", "--peers", "litserve").peer_precisions == ["fp32", "int8"]
+
+
+def test_server_configurations(tmp_path: Path) -> None:
+    args = args_for("--out", str(tmp_path), "--ours-env", "VISION_MAX_DELAY_MS=7", "--max-batch-size", "16",
+                    "--deadline-ms", "2000")  # fmt: skip
+    configs = {c.label: c for c in Bench(args).server_configs("ssd300")}
+    assert list(configs) == ["ours bf16", "fastapi fp32", "fastapi bf16", "litserve fp32", "litserve bf16"]
+    ours = configs["ours bf16"]
+    assert ours.module == "app" and ours.ready_path == "/health/ready"
+    assert ours.env["VISION_PRECISION"] == "bf16" and ours.env["VISION_MAX_BATCH_SIZE"] == "16"
+    assert ours.env["VISION_MAX_DELAY_MS"] == "7"
+    assert ours.env["VISION_MODELS_FILE"] == str(tmp_path / "work" / "models-ssd300.toml")
+    assert ours.headers == (("X-Request-Timeout-Ms", "2000"),)
+    assert ours.predict_path == configs["litserve bf16"].predict_path == "/v1/models/ssd300/predict"
+    # the typical fp32 setups run as they come; the same-precision ones get the careful allocator
+    assert dict(configs["fastapi fp32"].env) == {}
+    assert dict(configs["litserve bf16"].env) == ALLOCATOR_ENV
+    assert "--max-batch-size" in configs["litserve bf16"].args
+    assert "--port" in ours.argv(1234) and ours.argv(1234)[-1] == "1234"
+
+
+def test_fit_crops_to_the_aspect_ratio_then_resizes() -> None:
+    image = Image.new("RGB", (640, 427))
+    image.paste((255, 0, 0), (0, 0, 100, 427))  # a red band on the left
+    wide = fit(image, 1920, 1080)
+    assert wide.size == (1920, 1080)
+    # 16:9 from 640x427: full width kept (crop top and bottom), so the red band is still there
+    assert wide.getpixel((10, 540))[0] > 200
+    narrow = fit(image, 500, 375)
+    assert narrow.size == (500, 375)
+    # 4:3 from 640x427: 569 columns kept, 35 cut each side: the band shrinks from 100 to ~65 px
+    assert narrow.getpixel((5, 187))[0] > 200 and narrow.getpixel((70, 187))[0] < 50
+
+
+def test_bench_jpegs_come_from_packaged_photos(tmp_path: Path) -> None:
+    assert find_packaged_file("sklearn/datasets/images/china.jpg") is not None
+    images = write_images(tmp_path, sizes=[(500, 375)])
+    assert [i.name for i in images] == ["china_500x375", "flower_500x375"]
+    for image in images:
+        assert image.source == "sklearn"
+        decoded = Image.open(io.BytesIO(image.path.read_bytes()))
+        assert decoded.format == "JPEG" and decoded.size == (500, 375)
+    assert len(images_of_size(images, "500x375")) == 2
+    with pytest.raises(ValueError, match="1920x1080"):
+        images_of_size(images, "1920x1080")
+    assert (tmp_path / "inputs.json").exists()
+
+
+def test_written_jpegs_are_reused_without_the_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = write_images(tmp_path, sizes=[(500, 375)])
+
+    def no_photos() -> None:
+        raise AssertionError("the photos were looked for again")
+
+    monkeypatch.setattr("bench.inputs.source_photos", no_photos)
+    assert write_images(tmp_path, sizes=[(500, 375)]) == first
+
+
+def test_models_toml_entries(tmp_path: Path) -> None:
+    ssd = bench_model("ssd300", tmp_path)
+    entry = _toml_entry(ssd)
+    assert (
+        'format = "ssd.pytorch"' in entry and '"tvmonitor"' in entry and ssd.labels and len(ssd.labels) == 20
+    )
+    vgg = bench_model("vgg16", tmp_path)
+    assert 'format = "torchvision"' in _toml_entry(vgg) and vgg.labels is None
+    with pytest.raises(ValueError, match="unknown benchmark model"):
+        bench_model("resnet", tmp_path)
+
+
+def test_time_forward_counts_calls() -> None:
+    calls: list[int] = []
+    syncs: list[int] = []
+    n, seconds = time_forward(lambda: calls.append(1), lambda: syncs.append(1), min_seconds=0.0, min_iters=5)
+    assert n == 5 and len(calls) == 5 + 2  # two warm-up calls are not timed
+    assert seconds >= 0 and syncs
+
+
+def test_server_process_lifecycle(tmp_path: Path) -> None:
+    # a stdlib HTTP server stands in for a model server; like them it takes --port last
+    (tmp_path / "bench_test_shim.py").write_text(
+        "import sys, http.server\n"
+        "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "http.server.ThreadingHTTPServer(('127.0.0.1', port), http.server.SimpleHTTPRequestHandler)"
+        ".serve_forever()\n"
+    )
+    config = ServerConfig(
+        "shim", "test", "fp32", "bench_test_shim", (), "/", "/", env={"PYTHONPATH": str(tmp_path)}
+    )
+    server = ServerProcess(config, tmp_path / "server.log")
+    assert config.argv(server.port)[:3] == [sys.executable, "-m", "bench_test_shim"]
+    with server:
+        assert server.wait_ready(30) >= 0
+        assert http_get_status(server.port, "/") == 200
+        assert server.cpu_seconds() > 0  # python's start-up at least
+        pid = server.proc.pid if server.proc else -1
+    assert server.proc is None
+    assert not Path(f"/proc/{pid}").exists()
+    assert http_get_status(server.port, "/", timeout_s=0.5) is None
+
+
+def test_server_that_dies_reports_its_log(tmp_path: Path) -> None:
+    config = ServerConfig("broken", "test", "fp32", "bench_no_such_module", (), "/", "/")
+    with (
+        ServerProcess(config, tmp_path / "broken.log") as server,
+        pytest.raises(RuntimeError, match="No module"),
+    ):
+        server.wait_ready(30)
