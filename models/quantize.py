@@ -1,0 +1,422 @@
+"""Post-training static int8 quantization for the CPU, and the accuracy report that must go with it.
+
+int8 is never a silent default: it needs calibration images of the model's own kind (the activation
+ranges of every layer are measured on them), and its cost is reported against fp32 with
+:func:`agreement_report`. Typical use, from an fp32 model loaded on the CPU::
+
+    images = load_calibration_images(Path("calibration/"))        # a few dozen typical inputs
+    clf = load_model(spec, device="cpu", precision="fp32")
+    quantize_predictor(clf, images)                                # clf.model is now int8
+    # or, with a bare network:
+    batches = calibration_batches(images, clf.preprocess)
+    q = quantize_int8(net, batches, example=batches[0])
+
+Method: PyTorch's FX graph-mode static quantization (``prepare_fx`` -> run the calibration batches ->
+``convert_fx``) with the ``x86`` backend's default qconfig mapping: per-channel symmetric int8 weights,
+uint8 activations with histogram observers and ``reduce_range`` (7-bit activations, which the x86
+kernels need to avoid overflow on CPUs without VNNI). Conv + ReLU and Linear + ReLU are fused first. The
+result takes and returns float32 tensors: the input is quantized by the first op and the outputs are
+dequantized.
+
+SSD: its ``forward`` checks the input shape with Python ``if``s, which FX cannot trace, so the traced part
+is a small wrapper that runs the same modules from the input to the raw head maps; around it stay float:
+
+- ``L2Norm`` (a leaf that FX does not trace and int8 does not touch): a per-location sum of squares, a
+  square root and a division have no quantized kernels, and its output scale (about 20 x a unit vector) is
+  unlike the ReLU maps around it. Its input is dequantized and its output quantized again, for conv4_3's
+  heads;
+- the head outputs' ``permute`` / ``reshape`` / ``cat`` into (loc [B, A, 4], conf [B, A, C]) run eagerly on
+  the dequantized maps: a quantized ``cat`` would force one scale on all six (or seven) sources, whose
+  ranges differ, and the float reshapes cost nothing next to the convolutions.
+
+CPU only: the quantized kernels are the CPU's (fbgemm / oneDNN); a CUDA model is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from torchvision.ops import box_iou
+
+from models.errors import ModelConfigError
+from models.ssd import _CONV4_3_END, SSD, L2Norm, SSDConfig
+from models.types import DetectOutput
+
+if TYPE_CHECKING:
+    from models.predictors import Predictor
+
+#: a Classifier or a Detector: :func:`quantize_predictor` returns what it was given
+P = TypeVar("P", bound="Predictor")
+
+__all__ = [
+    "BACKEND",
+    "QuantizedSSD",
+    "agreement_report",
+    "calibration_batches",
+    "load_calibration_images",
+    "quantize_int8",
+    "quantize_predictor",
+]
+
+#: PyTorch's quantized engine for x86 CPUs: it picks fbgemm or oneDNN kernels per op
+#: (``torch.backends.quantized.supported_engines``; "x86" is the default engine since torch 2.0).
+BACKEND = "x86"
+#: File suffixes :func:`load_calibration_images` reads.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: The usual PASCAL VOC / COCO match criterion: same class and IoU >= 0.5.
+MATCH_IOU = 0.5
+
+# torch's quantization API warns on every prepare/convert that it is deprecated (torch.ao.quantization
+# is still shipped and working in 2.14) and that ``reduce_range`` should become quant_min/quant_max;
+# neither is actionable here, so they are silenced during quantization only.
+_NOISE = (
+    r"torch\.ao\.quantization is deprecated",
+    r"Please use quant_min and quant_max",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for pattern in _NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
+
+def _off_cpu(t: Tensor) -> bool:
+    return t.device.type != "cpu"
+
+
+def _check_cpu_fp32(model: nn.Module, example: Tensor) -> None:
+    tensors = [*model.parameters(), *model.buffers()]
+    elsewhere = {str(t.device) for t in tensors if _off_cpu(t)}
+    if elsewhere or _off_cpu(example):
+        where = ", ".join(sorted(elsewhere | ({str(example.device)} if _off_cpu(example) else set())))
+        raise ValueError(
+            f"int8 quantization runs on the CPU only (its kernels are fbgemm / oneDNN CPU code), but the "
+            f"model or example is on {where}; use fp16 or bf16 on a GPU, or quantize a CPU copy of the model"
+        )
+    not_fp32 = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if not_fp32:
+        raise ValueError(
+            f"int8 quantization starts from fp32 weights, but the model has {', '.join(not_fp32)} "
+            f"parameters; load it in fp32 and quantize that"
+        )
+    if example.dim() != 4 or example.shape[0] < 1 or not example.is_floating_point():
+        raise ValueError(
+            f"example must be a float batch [B, C, H, W], got {example.dtype} {list(example.shape)}"
+        )
+
+
+class _SSDMaps(nn.Module):
+    """The traceable part of an :class:`~models.ssd.SSD`: input -> raw head maps, no shape checks.
+
+    Shares the SSD's modules (no copies). forward: x (FloatTensor[B, 3, S, S]) -> the loc maps
+    (Tensor[B, n_k * 4, H_k, W_k], one per source k) followed by the conf maps (Tensor[B, n_k * C, H_k, W_k]).
+    """
+
+    def __init__(self, ssd: SSD) -> None:
+        super().__init__()
+        self.vgg = ssd.vgg
+        self.extras = ssd.extras
+        self.L2Norm = ssd.L2Norm
+        self.loc = ssd.loc
+        self.conf = ssd.conf
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        # the same sources as SSD.forward: L2Norm(conv4_3), fc7, then every second extra conv
+        sources: list[Tensor] = []
+        for layer in self.vgg[:_CONV4_3_END]:
+            x = layer(x)
+        sources.append(self.L2Norm(x))
+        for layer in self.vgg[_CONV4_3_END:]:
+            x = layer(x)
+        sources.append(x)
+        for k, conv in enumerate(self.extras):
+            x = F.relu(conv(x), inplace=True)
+            if k % 2 == 1:
+                sources.append(x)
+        locs = [head(s) for head, s in zip(self.loc, sources, strict=True)]
+        confs = [head(s) for head, s in zip(self.conf, sources, strict=True)]
+        return (*locs, *confs)
+
+
+def _flatten_maps(maps: Sequence[Tensor], k: int) -> Tensor:
+    """Head maps -> Tensor[B, A, k], anchors ordered (source, y, x, box) as ``SSD.forward`` orders them."""
+    flat = [m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, k) for m in maps]  # (B, n*k, H, W) -> (B, H*W*n, k)
+    return torch.cat(flat, dim=1)
+
+
+class QuantizedSSD(nn.Module):
+    """An int8 SSD with the float model's call: x (FloatTensor[B, 3, S, S]) -> (loc [B, A, 4],
+    conf [B, A, C]), both float32. ``maps`` is the quantized graph (input -> head maps, see
+    :class:`_SSDMaps`); the input check and the final reshapes run here, in float.
+    """
+
+    def __init__(self, maps: nn.Module, config: SSDConfig, num_classes: int) -> None:
+        super().__init__()
+        self.maps = maps
+        self.config = config
+        self.num_classes = num_classes
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        size = self.config.input_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
+            raise ValueError(f"SSD{size} expects input of shape [B, 3, {size}, {size}], got {list(x.shape)}")
+        maps = self.maps(x)
+        sources = len(maps) // 2
+        return _flatten_maps(maps[:sources], 4), _flatten_maps(maps[sources:], self.num_classes)
+
+
+def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], *, example: Tensor) -> nn.Module:
+    """Static int8 copy of ``model`` for the CPU, calibrated on ``calibration``; ``model`` is not changed.
+
+    Args:
+        model: an fp32 network on the CPU (eval mode is set on the copy). An :class:`~models.ssd.SSD` is
+            handled as the module docstring says; any other module must be FX-traceable (VGG is).
+        calibration: preprocessed batches (FloatTensor[B, 3, H, W]) of the model's own kind of images, e.g.
+            from :func:`calibration_batches`. At least one image; a few dozen typical ones is the usual size.
+            Never random noise: the measured activation ranges are what int8 then represents.
+        example: one input batch (FloatTensor[B, 3, H, W]) of the shape the model will see, for tracing.
+
+    Returns:
+        an eval-mode module with the same call as ``model`` whose outputs are float32: the FX
+        ``GraphModule`` for a traceable model, a :class:`QuantizedSSD` for an SSD.
+
+    Raises:
+        ValueError: the model or example is on a GPU; the weights are not fp32; no calibration images;
+            a calibration batch of another shape than ``example`` (batch size aside); a model FX cannot trace.
+        RuntimeError: this torch build has no x86 quantized engine.
+
+    Side effect: sets ``torch.backends.quantized.engine`` to ``"x86"`` (the engine the kernels run
+    with must be the one the weights were packed for).
+    """
+    _check_cpu_fp32(model, example)
+    if BACKEND not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(
+            f"this torch build ({torch.__version__}) has no {BACKEND!r} quantized engine "
+            f"(it has {torch.backends.quantized.supported_engines}); int8 is not available here"
+        )
+    torch.backends.quantized.engine = BACKEND
+
+    float_model = copy.deepcopy(model).eval()  # prepare_fx fuses modules in place of the originals
+    ssd = float_model if isinstance(float_model, SSD) else None
+    traced = _SSDMaps(ssd).eval() if ssd is not None else float_model
+    custom = PrepareCustomConfig().set_non_traceable_module_classes([L2Norm])
+    with _quiet():
+        try:
+            prepared = prepare_fx(traced, get_default_qconfig_mapping(BACKEND), (example,),
+                                  prepare_custom_config=custom)
+        except torch.fx.proxy.TraceError as e:
+            raise ValueError(
+                f"{type(model).__name__} cannot be quantized: torch.fx cannot trace its forward ({e})"
+            ) from e
+        seen = 0
+        with torch.no_grad():
+            for batch in calibration:
+                if batch.dim() != 4 or batch.shape[1:] != example.shape[1:] or _off_cpu(batch):
+                    dims = ", ".join(map(str, example.shape[1:]))
+                    raise ValueError(
+                        f"calibration batches must be CPU tensors [B, {dims}] like the example, "
+                        f"got {list(batch.shape)} on {batch.device}"
+                    )
+                prepared(batch)
+                seen += batch.shape[0]
+        if seen == 0:
+            raise ValueError(
+                "int8 needs calibration images of the model's own kind and none were given; refusing to "
+                "quantize (uncalibrated activation ranges give arbitrary answers)"
+            )
+        converted = convert_fx(prepared)
+    if ssd is not None:
+        return QuantizedSSD(converted, ssd.config, ssd.num_classes).eval()
+    return converted.eval()
+
+
+def calibration_batches(images: Sequence[Image.Image], preprocess: Callable[[Image.Image], Tensor],
+                        batch_size: int = 8) -> list[Tensor]:
+    """Preprocess ``images`` (converted to RGB first) and stack them into batches of ``batch_size``
+    (the last one may be smaller): -> list of FloatTensor[b, 3, H, W], in the images' order.
+
+    Raises ValueError when there are no images or ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if len(images) == 0:
+        raise ValueError("no calibration images: int8 needs images of the model's own kind to calibrate on")
+    tensors = [preprocess(im if im.mode == "RGB" else im.convert("RGB")) for im in images]
+    return [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
+
+
+def load_calibration_images(directory: str | Path, max_images: int = 64) -> list[Image.Image]:
+    """Up to ``max_images`` images from ``directory`` (files ending in ``IMAGE_SUFFIXES``, sorted by name,
+    not recursive), decoded and converted to RGB.
+
+    Raises ModelConfigError, saying what to do, when the directory is missing or holds no image, or a
+    file there cannot be decoded: int8 is then refused rather than calibrated on something else.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ModelConfigError(
+            f"int8 needs calibration images, but {str(folder)!r} is not a directory; point the int8 "
+            f"calibration directory at a folder of a few dozen typical input images, or use another precision"
+        )
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ModelConfigError(
+            f"int8 needs calibration images, but {str(folder)!r} holds no {'/'.join(IMAGE_SUFFIXES)} file; "
+            f"add a few dozen typical input images, or use another precision"
+        )
+    images: list[Image.Image] = []
+    for path in paths[:max_images]:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise ModelConfigError(
+                f"calibration image {str(path)!r} cannot be decoded ({e}); fix or remove it"
+            ) from e
+    return images
+
+
+def quantize_predictor(predictor: P, images: Sequence[Image.Image], batch_size: int = 8) -> P:
+    """Replace a CPU fp32 :class:`~models.predictors.Predictor`'s network by its int8 version, calibrated on
+    ``images`` through the predictor's own preprocessing; ``info.dtype`` becomes ``"int8"``.
+
+    The predictor's call path is unchanged (float32 inputs in channels_last, float32 outputs), so
+    ``predict`` and ``warmup`` work as before. Returns the same predictor. Raises ValueError on a GPU
+    predictor, a non-fp32 one, or no images.
+    """
+    if predictor.device.type != "cpu":
+        raise ValueError(
+            f"int8 runs on the CPU only; {predictor.info.name!r} is on {predictor.device}: "
+            f"use fp16 or bf16 there"
+        )
+    if predictor.dtype != torch.float32:
+        raise ValueError(
+            f"int8 starts from fp32 weights; {predictor.info.name!r} was loaded in {predictor.dtype}: "
+            f"load it in fp32"
+        )
+    batches = [b.contiguous(memory_format=torch.channels_last)
+               for b in calibration_batches(images, predictor.preprocess, batch_size)]
+    predictor.model = quantize_int8(predictor.model, batches, example=batches[0])
+    predictor.info.dtype = "int8"
+    return predictor
+
+
+# --- accuracy cost -----------------------------------------------------------------------------------------
+
+
+def agreement_report(reference: Tensor | Sequence[DetectOutput], candidate: Tensor | Sequence[DetectOutput],
+                     *, score_threshold: float = 0.5) -> dict[str, Any]:
+    """How closely ``candidate`` (e.g. int8) reproduces ``reference`` (fp32) on the same images.
+
+    Classifiers: ``reference`` and ``candidate`` are logits (FloatTensor[N, C]); scores are their softmax.
+    Returns ``images``; ``top1_agreement`` (fraction of images with the same arg-max); ``score_diff_max``
+    (largest |p_ref - p_cand| over all images and classes); ``top1_score_diff_max`` and
+    ``top1_score_diff_mean`` (|p_ref - p_cand| at the reference's top-1 class, over images).
+
+    Detectors: one :class:`~models.types.DetectOutput` per image each, in the same pixel frame. Reference
+    detections with score >= ``score_threshold`` are matched greedily, highest score first, to the unused
+    candidate detection (any score) of the same class with the highest IoU, if that IoU >= 0.5. Returns
+    ``images``; ``reference_detections`` (those above the threshold); ``matched``; ``recall`` (matched /
+    reference, None without reference detections); ``score_diff_max`` / ``score_diff_mean`` (|score
+    difference| over matched pairs) and ``box_diff_max_px`` / ``box_diff_mean_px`` (per pair the largest
+    |coordinate difference| in pixels, then its max / mean over pairs), None without matches;
+    ``extra_detections`` (candidate detections >= ``score_threshold`` left unmatched).
+
+    NMS makes the matching approximate: where the reference keeps one of several near-equal boxes, the
+    candidate may keep a neighbour, which then matches with a larger box difference (IoU >= 0.5 still).
+    """
+    if isinstance(reference, Tensor) and isinstance(candidate, Tensor):
+        return _classifier_agreement(reference, candidate)
+    if isinstance(reference, Tensor) or isinstance(candidate, Tensor):
+        raise TypeError(
+            "compare logits with logits (Tensor[N, C]) or detections with detections (DetectOutput lists)"
+        )
+    return _detector_agreement(reference, candidate, score_threshold)
+
+
+def _classifier_agreement(reference: Tensor, candidate: Tensor) -> dict[str, Any]:
+    if reference.dim() != 2 or reference.shape != candidate.shape or reference.shape[0] == 0:
+        raise ValueError(
+            f"expected two logit tensors [N, C] of one shape with N >= 1, got {list(reference.shape)} "
+            f"and {list(candidate.shape)}"
+        )
+    p_ref = F.softmax(reference.detach().float().cpu(), dim=1)  # (N, C)
+    p_cand = F.softmax(candidate.detach().float().cpu(), dim=1)
+    top1 = p_ref.argmax(dim=1)  # (N,)
+    diff = (p_ref - p_cand).abs()  # (N, C)
+    top1_diff = diff.gather(1, top1[:, None]).squeeze(1)  # (N,)
+    return {
+        "images": reference.shape[0],
+        "top1_agreement": float((top1 == p_cand.argmax(dim=1)).float().mean()),
+        "score_diff_max": float(diff.max()),
+        "top1_score_diff_max": float(top1_diff.max()),
+        "top1_score_diff_mean": float(top1_diff.mean()),
+    }
+
+
+def _match(ref: DetectOutput, cand: DetectOutput, score_threshold: float) -> list[tuple[int, int]]:
+    """Greedy matching: (reference index, candidate index) pairs, see :func:`agreement_report`."""
+    keep = (ref.scores >= score_threshold).nonzero().squeeze(1)
+    order = keep[ref.scores[keep].argsort(descending=True, stable=True)]
+    if order.numel() == 0 or cand.boxes.shape[0] == 0:
+        return []
+    iou = box_iou(ref.boxes[order].float(), cand.boxes.float())  # (R, M)
+    same_class = ref.class_ids[order][:, None] == cand.class_ids[None, :]  # (R, M)
+    iou = torch.where(same_class, iou, torch.full_like(iou, -1.0))
+    used = torch.zeros(cand.boxes.shape[0], dtype=torch.bool)
+    pairs: list[tuple[int, int]] = []
+    for row, r in enumerate(order.tolist()):
+        best = iou[row].masked_fill(used, -1.0).max(dim=0)
+        if float(best.values) >= MATCH_IOU:
+            used[best.indices] = True
+            pairs.append((r, int(best.indices)))
+    return pairs
+
+
+def _detector_agreement(reference: Sequence[DetectOutput], candidate: Sequence[DetectOutput],
+                        score_threshold: float) -> dict[str, Any]:
+    if len(reference) != len(candidate) or len(reference) == 0:
+        raise ValueError(
+            f"expected one DetectOutput per image on each side, got {len(reference)} and {len(candidate)}"
+        )
+    n_ref = n_extra = 0
+    score_diffs: list[float] = []
+    box_diffs: list[float] = []
+    for ref, cand in zip(reference, candidate, strict=True):
+        pairs = _match(ref, cand, score_threshold)
+        n_ref += int((ref.scores >= score_threshold).sum())
+        matched_cand = {c for _, c in pairs}
+        n_extra += sum(
+            1 for j, s in enumerate(cand.scores.tolist()) if s >= score_threshold and j not in matched_cand
+        )
+        for r, c in pairs:
+            score_diffs.append(abs(float(ref.scores[r]) - float(cand.scores[c])))
+            box_diffs.append(float((ref.boxes[r].float() - cand.boxes[c].float()).abs().max()))
+    matched = len(score_diffs)
+    return {
+        "images": len(reference),
+        "reference_detections": n_ref,
+        "matched": matched,
+        "recall": matched / n_ref if n_ref else None,
+        "score_diff_max": max(score_diffs) if matched else None,
+        "score_diff_mean": sum(score_diffs) / matched if matched else None,
+        "box_diff_max_px": max(box_diffs) if matched else None,
+        "box_diff_mean_px": sum(box_diffs) / matched if matched else None,
+        "extra_detections": n_extra,
+    }
