@@ -12,6 +12,7 @@ Format (``docs/api.md``, "Starting the service")::
     sha256 = "..."                # optional, 64 hex digits
     default = true                # at most one per task; none marked: the first of the task
     # classify only: resize, crop, top_k; detect only: score_threshold, iou_threshold, max_detections
+    calibration_dir = "calib/"    # optional: images of this model's own kind for VISION_PRECISION=int8
 
 Every problem raises :class:`ModelsFileError` whose message names the file and the entry.
 """
@@ -19,7 +20,7 @@ Every problem raises :class:`ModelsFileError` whose message names the file and t
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -66,6 +67,7 @@ class _Entry(BaseModel):
     score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     iou_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     max_detections: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    calibration_dir: Annotated[str, Field(min_length=1)] | None = None
 
     @field_validator("arch")
     @classmethod
@@ -108,6 +110,8 @@ class ModelsFile:
     path: Path
     specs: list[ModelSpec]
     defaults: dict[str, str]
+    #: per-model folders of int8 calibration images (``calibration_dir``), resolved
+    calibration_dirs: dict[str, Path] = field(default_factory=dict)
 
 
 def read_models_file(path: Path) -> ModelsFile:
@@ -134,6 +138,7 @@ def read_models_file(path: Path) -> ModelsFile:
     specs: list[ModelSpec] = []
     defaults: dict[str, str] = {}
     seen: set[str] = set()
+    calibration_dirs: dict[str, Path] = {}
     for index, table in enumerate(document.models):
         where = f"{path}: models[{index}]" + (
             f" ({table['name']!r})" if isinstance(table.get("name"), str) else ""
@@ -151,6 +156,8 @@ def read_models_file(path: Path) -> ModelsFile:
                     f"{where}: a second default {entry.task} model (the first is {defaults[entry.task]!r})"
                 )
             defaults[entry.task] = entry.name
+        if entry.calibration_dir is not None:
+            calibration_dirs[entry.name] = folder / entry.calibration_dir
         labels = tuple(entry.labels) if entry.labels is not None else None
         if entry.labels_file is not None:
             labels = _read_labels(folder / entry.labels_file, where)
@@ -173,7 +180,7 @@ def read_models_file(path: Path) -> ModelsFile:
         )
     for spec in specs:  # unmarked tasks: the first model of the task is the default
         defaults.setdefault(spec.task, spec.name)
-    return ModelsFile(path=path, specs=specs, defaults=defaults)
+    return ModelsFile(path=path, specs=specs, defaults=defaults, calibration_dirs=calibration_dirs)
 
 
 def _read_labels(path: Path, where: str) -> tuple[str, ...]:

@@ -5,7 +5,9 @@ here runs at import time: build ``Settings()`` where the service starts.
 
 ``precision="auto"`` picks bf16 where the hardware does it natively -- a CUDA device that reports
 bf16 support, or a CPU with AMX or AVX512-BF16 (``/proc/cpuinfo`` flags ``amx_bf16`` /
-``avx512_bf16``) -- and fp32 everywhere else. It never picks int8 or fp16.
+``avx512_bf16``) -- and fp32 everywhere else. It never picks int8 or fp16. ``int8`` (CPU only)
+loads fp32 weights and quantizes them, calibrated on ``int8_calibration_dir`` (or a models-file
+entry's ``calibration_dir``); without calibration images the start stops.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class Settings(BaseSettings):
         le=64,
         description="threads that decode and preprocess images",
     )
+    int8_calibration_dir: Path | None = Field(
+        default=None,
+        description="images of the served models' own kind, for precision=int8 calibration "
+        "(a models-file entry's calibration_dir overrides it)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(default=False, description="one JSON object per log line")
 
@@ -86,14 +93,14 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("precision")
-    @classmethod
-    def _check_precision(cls, value: str) -> str:
-        if value == "int8":
+
+    @model_validator(mode="after")
+    def _check_int8(self) -> Settings:
+        if self.precision == "int8" and self.device.startswith("cuda"):
             raise ValueError(
-                "int8 is not implemented yet (no calibrated int8 path exists); use fp32, bf16, fp16 or auto"
+                "precision int8 runs on the CPU only (x86 quantized kernels); on CUDA use fp16 or bf16"
             )
-        return value
+        return self
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
@@ -126,11 +133,23 @@ class Settings(BaseSettings):
 
     @cached_property
     def torch_precision(self) -> Literal["fp32", "bf16", "fp16"]:
-        """The precision models load in: ``auto`` resolved for :attr:`torch_device`."""
+        """The precision models load in: ``auto`` resolved for :attr:`torch_device`; int8 models load
+        in fp32 and are then quantized (:attr:`int8`)."""
         if self.precision == "auto":
             return "bf16" if _bf16_native(self.torch_device) else "fp32"
-        assert self.precision != "int8"  # rejected by the validator
+        if self.precision == "int8":
+            if self.torch_device != "cpu":
+                raise ValueError(
+                    f"VISION_PRECISION=int8 runs on the CPU only, but the device is {self.torch_device}: "
+                    "set VISION_DEVICE=cpu, or use fp16/bf16 on CUDA"
+                )
+            return "fp32"
         return self.precision
+
+    @property
+    def int8(self) -> bool:
+        """Whether models are quantized to int8 after loading (CPU only, calibrated)."""
+        return self.precision == "int8"
 
     @property
     def resolved_torch_threads(self) -> int:

@@ -14,7 +14,13 @@ Callers use the names exported here:
 from models.errors import CheckpointError, ModelConfigError
 from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
 from models.predictors import Classifier, Detector, Predictor, load_model
-from models.quantize import agreement_report, load_calibration_images, quantize_int8, quantize_predictor
+from models.quantize import (
+    agreement_report,
+    load_calibration_images,
+    quantize_int8,
+    quantize_predictor,
+    quantize_predictor_with_report,
+)
 from models.types import (
     ARCHS,
     FORMATS,
@@ -50,4 +56,5 @@ __all__ = [
     "load_model",
     "quantize_int8",
     "quantize_predictor",
+    "quantize_predictor_with_report",
 ]

@@ -52,7 +52,7 @@ from torchvision.ops import box_iou
 
 from models.errors import ModelConfigError
 from models.ssd import _CONV4_3_END, SSD, L2Norm, SSDConfig
-from models.types import DetectOutput
+from models.types import DetectOutput, DetectParams
 
 if TYPE_CHECKING:
     from models.predictors import Predictor
@@ -315,6 +315,41 @@ def quantize_predictor(predictor: P, images: Sequence[Image.Image], batch_size: 
     predictor.model = quantize_int8(predictor.model, batches, example=batches[0])
     predictor.info.dtype = "int8"
     return predictor
+
+
+def quantize_predictor_with_report(predictor: P, images: Sequence[Image.Image], *, batch_size: int = 8,
+                                   report_images: int = 16) -> tuple[P, dict[str, Any]]:
+    """:func:`quantize_predictor`, plus the accuracy cost on the first ``report_images`` of ``images``.
+
+    The report (:func:`agreement_report`, fp32 against int8) is measured on calibration images, so it is
+    an in-sample figure: it shows a broken calibration at once, but a held-out set of the model's own
+    images is the real measure.
+    """
+    sample = list(images[:report_images])
+    reference = _reference_outputs(predictor, sample, batch_size)
+    quantize_predictor(predictor, images, batch_size)
+    candidate = _reference_outputs(predictor, sample, batch_size)
+    return predictor, agreement_report(reference, candidate)
+
+
+def _reference_outputs(predictor: Predictor, images: Sequence[Image.Image],
+                       batch_size: int) -> Tensor | list[DetectOutput]:
+    """Logits (classifier) or every detection above 0.01 (detector) of ``predictor`` on ``images``."""
+    from models.predictors import Detector  # the predictors module imports nothing from here
+
+    rgb = [image.convert("RGB") for image in images]
+    batches = calibration_batches(rgb, predictor.preprocess, batch_size)
+    if isinstance(predictor, Detector):
+        outputs: list[DetectOutput] = []
+        params = DetectParams(score_threshold=0.0, max_detections=None)
+        for start, batch in zip(range(0, len(rgb), batch_size), batches, strict=True):
+            sizes = [image.size for image in rgb[start:start + batch_size]]
+            outputs.extend(predictor.predict(batch, sizes, [params] * len(sizes)))
+        return outputs
+    with torch.inference_mode():
+        logits = [predictor.model(b.to(predictor.device, predictor.dtype, memory_format=torch.channels_last))
+                  for b in batches]
+    return torch.cat(logits).float().cpu()
 
 
 # --- accuracy cost -----------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from models.quantize import (
     load_calibration_images,
     quantize_int8,
     quantize_predictor,
+    quantize_predictor_with_report,
 )
 from models.ssd import SSD, SSD300_VOC, L2Norm, ssd300, ssd512
 from models.types import DetectParams
@@ -312,6 +313,24 @@ def test_quantize_predictor_detector(tmp_path: Path, photos: list[Image.Image]) 
     out = det.predict(batch, [im.size for im in photos[:2]], [DetectParams()] * 2)
     assert len(out) == 2 and all(isinstance(o, DetectOutput) and o.boxes.dtype == torch.float32 for o in out)
     assert all(o.boxes.shape[0] > 0 for o in out)
+
+
+def test_quantize_with_report_measures_the_cost(tmp_path: Path, photos: list[Image.Image]) -> None:
+    path = cf.write_torchvision_vgg16(tmp_path / "vgg16.pth", width=WIDTH, seed=1)
+    spec = ModelSpec(name="vgg", task="classify", arch="vgg16", format="torchvision", weights=path)
+    predictor = load_model(spec)
+    same, report = quantize_predictor_with_report(predictor, photos, report_images=10)
+    assert same is predictor and predictor.info.dtype == "int8"
+    assert report["images"] == 10 and report["top1_agreement"] >= MIN_TOP1_AGREEMENT
+    # a second report of int8 against itself would be perfect: this one compared against fp32
+    assert report["score_diff_max"] > 0
+
+    detector_path = cf.write_book_ssd(tmp_path / "ssd300.pth", width=1 / 16, confident=True)
+    detector = load_model(ModelSpec(name="ssd", task="detect", arch="ssd300", format="ssd.pytorch",
+                                    weights=detector_path, labels=VOC_CLASSES))  # fmt: skip
+    _, det_report = quantize_predictor_with_report(detector, photos[:8], batch_size=4, report_images=4)
+    assert det_report["images"] == 4 and det_report["reference_detections"] > 0
+    assert det_report["recall"] is not None and det_report["recall"] >= 0.5
 
 
 # --- calibration inputs -------------------------------------------------------------------------------------
