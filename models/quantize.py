@@ -51,7 +51,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torchvision.ops import box_iou
 
 from models.errors import ModelConfigError
-from models.ssd import _CONV4_3_END, SSD, L2Norm, SSDConfig
+from models.ssd import SSD, L2Norm, SSDConfig, feature_sources
 from models.types import DetectOutput, DetectParams
 
 if TYPE_CHECKING:
@@ -137,18 +137,7 @@ class _SSDMaps(nn.Module):
         self.conf = ssd.conf
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        # the same sources as SSD.forward: L2Norm(conv4_3), fc7, then every second extra conv
-        sources: list[Tensor] = []
-        for layer in self.vgg[:_CONV4_3_END]:
-            x = layer(x)
-        sources.append(self.L2Norm(x))
-        for layer in self.vgg[_CONV4_3_END:]:
-            x = layer(x)
-        sources.append(x)
-        for k, conv in enumerate(self.extras):
-            x = F.relu(conv(x), inplace=True)
-            if k % 2 == 1:
-                sources.append(x)
+        sources = feature_sources(self.vgg, self.L2Norm, self.extras, x)  # the same as SSD.forward
         locs = [head(s) for head, s in zip(self.loc, sources, strict=True)]
         confs = [head(s) for head, s in zip(self.conf, sources, strict=True)]
         return (*locs, *confs)

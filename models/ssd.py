@@ -262,19 +262,27 @@ class SSD(nn.Module):
         size = self.config.input_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
             raise ValueError(f"SSD{size} expects input of shape [B, 3, {size}, {size}], got {list(x.shape)}")
-        sources: list[Tensor] = []
-        for layer in self.vgg[:_CONV4_3_END]:
-            x = layer(x)
-        sources.append(self.L2Norm(x))
-        for layer in self.vgg[_CONV4_3_END:]:
-            x = layer(x)
-        sources.append(x)
-        for k, conv in enumerate(self.extras):
-            x = F.relu(conv(x), inplace=True)
-            if k % 2 == 1:
-                sources.append(x)
-
+        sources = feature_sources(self.vgg, self.L2Norm, self.extras, x)
         return _apply_heads(self.loc, sources, 4), _apply_heads(self.conf, sources, self.num_classes)
+
+
+def feature_sources(vgg: nn.ModuleList, l2norm: nn.Module, extras: nn.ModuleList, x: Tensor) -> list[Tensor]:
+    """The SSD's source feature maps: L2Norm(conv4_3), fc7, then every second extra conv (ReLU'd).
+
+    No shape checks, so torch.fx can trace it (``models.quantize``).
+    """
+    sources: list[Tensor] = []
+    for layer in vgg[:_CONV4_3_END]:
+        x = layer(x)
+    sources.append(l2norm(x))
+    for layer in vgg[_CONV4_3_END:]:
+        x = layer(x)
+    sources.append(x)
+    for k, conv in enumerate(extras):
+        x = F.relu(conv(x), inplace=True)
+        if k % 2 == 1:
+            sources.append(x)
+    return sources
 
 
 def _apply_heads(heads: nn.ModuleList, sources: list[Tensor], k: int) -> Tensor:
