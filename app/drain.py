@@ -1,0 +1,99 @@
+"""Graceful drain on SIGTERM: readiness flips first, then uvicorn's graceful shutdown.
+
+On the first SIGTERM the server does not stop listening at once (uvicorn's own handler would):
+
+1. **drain delay** (``VISION_DRAIN_DELAY_S``): the app is marked draining, so ``/health/ready``
+   (and ``/v2/health/ready``) answer 503 and every new predict request 503 ``DRAINING`` with
+   ``Retry-After``, while the socket stays open. Load balancers that poll readiness take the
+   replica out of rotation, and those that retry a 503 elsewhere (our nginx) do so, instead of
+   meeting refused connections. Requests already accepted, and the images queued in the batchers,
+   go on and complete.
+2. **graceful shutdown**: uvicorn stops accepting connections, closes idle keep-alive ones and
+   waits up to ``VISION_DRAIN_GRACE_S`` for the requests in flight; then the lifespan stops the
+   batchers (anything still queued then fails with 503 DRAINING) and the process exits, with the
+   status of the signal that stopped it.
+
+So the process is gone at most ``drain_delay_s + drain_grace_s`` (plus the batchers' stop) after
+the signal: orchestrators must allow more than that (Kubernetes ``terminationGracePeriodSeconds``,
+Compose ``stop_grace_period``). A second SIGTERM during the delay skips the rest of it. SIGINT
+(Ctrl+C at a terminal) skips the delay: graceful shutdown at once, a second Ctrl+C forces the exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM starts a drain delay before the graceful shutdown.
+
+    ``on_drain`` is called once, when the delay starts (it marks the app draining).
+    """
+
+    def __init__(self, config: uvicorn.Config, *, drain_delay_s: float, on_drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.drain_delay_s = drain_delay_s
+        self.on_drain = on_drain
+        self._drain_signal: int | None = None
+        self._drain_started = 0.0
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_signal is not None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn restores the handler it found, then re-raises the signal that stopped it: let that
+        # be the default action (death by SIGTERM), not exit_on_sigterm_until_serving's SystemExit
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and not self.draining and not self.should_exit and self.drain_delay_s > 0:
+            self._drain_signal = sig
+            self._drain_started = time.monotonic()
+            self.on_drain()
+            log.info(
+                "SIGTERM: draining (readiness and new requests 503) for %.1f s, then a graceful "
+                "shutdown of up to %s s",
+                self.drain_delay_s,
+                self.config.timeout_graceful_shutdown,
+            )
+            return
+        if not self.draining:
+            self.on_drain()  # SIGINT, or no delay: readiness still flips before the shutdown
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if (
+            self._drain_signal is not None
+            and not self.should_exit
+            and time.monotonic() - self._drain_started >= self.drain_delay_s
+        ):
+            log.info("drain delay over: graceful shutdown")
+            super().handle_exit(self._drain_signal, None)  # as uvicorn's own handler: exit status kept
+        return await super().on_tick(counter)
+
+
+def exit_on_sigterm_until_serving() -> None:
+    """Make SIGTERM end the process while the models load, before uvicorn handles it.
+
+    Python leaves SIGTERM at its default, which a process running as PID 1 (a container's entry
+    point) does not get: ``docker stop`` would wait its whole grace period and then SIGKILL. Raising
+    SystemExit exits with 143 (128 + SIGTERM), as the default action reads to a shell.
+    """
+
+    def stop(sig: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + sig)
+
+    signal.signal(signal.SIGTERM, stop)
