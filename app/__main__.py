@@ -4,7 +4,9 @@ The models are loaded BEFORE uvicorn starts, so a bad models file or checkpoint 
 with one message naming the file and the problem (exit 1; bad settings exit 2), never a traceback.
 Before anything else it re-executes itself with glibc's malloc tuned (``app/allocator.py``).
 The warm-up runs once the socket is up (``/health/live`` answers during it); a warm-up failure
-stops the server with exit 1.
+stops the server with exit 1. SIGTERM drains (``app/drain.py``): readiness and new work 503 for
+``VISION_DRAIN_DELAY_S``, then uvicorn's graceful shutdown of up to ``VISION_DRAIN_GRACE_S``; a
+SIGTERM while the models still load exits at once (143).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from app.allocator import reexec_with_tuning
+from app.drain import exit_on_sigterm_until_serving
 from app.logs import configure_logging
 from app.settings import Settings
 
 log = logging.getLogger("app")
 
-#: The models file shipped in the repository; its checkpoints come from ``weights/download.py``.
+#: The models file of the public checkpoints; they come from ``weights/download.py``.
+PUBLIC_MODELS_FILE = Path("weights/public.toml")
+#: The default models file: the small demo checkpoints committed under ``weights/demo/``.
 DEFAULT_MODELS_FILE = Path("weights/models.toml")
 
 
@@ -35,6 +40,7 @@ def fail(message: str, code: int = 1) -> int:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a real start (not a test calling main): tune glibc malloc first
         reexec_with_tuning(sys.argv[1:])
+        exit_on_sigterm_until_serving()
     parser = argparse.ArgumentParser(prog="python -m app", description="Serve VGG16 / SSD models over HTTP.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         args.port,
     )
 
+    from app.drain import DrainingServer
+
     fatal: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -106,9 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.drain_grace_s,  # type: ignore[arg-type]  # a float works
     )
-    server = uvicorn.Server(config)
+
+    def on_drain() -> None:
+        service = getattr(app.state, "service", None)  # set by the lifespan
+        if service is not None:
+            service.draining = True
+
+    server = DrainingServer(config, drain_delay_s=settings.drain_delay_s, on_drain=on_drain)
     server.run()
     if fatal:
         return fail(f"warm-up failed: {fatal[0]}")
@@ -129,11 +143,17 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _how_to_get_weights(models_file: Path) -> str:
-    """What to do when the shipped models file's checkpoints are not there (empty for other files)."""
-    if models_file.resolve() != DEFAULT_MODELS_FILE.resolve():
+    """What to do when a shipped models file's checkpoints are not there (empty for other files)."""
+    if models_file.resolve() == DEFAULT_MODELS_FILE.resolve():
+        return (
+            "\nThe default models file serves the demo checkpoints committed under weights/demo/;"
+            "\nrestore them from git (git checkout -- weights/demo) or retrain them with the commands"
+            "\nin weights/demo/README.md, or point VISION_MODELS_FILE at your own models file."
+        )
+    if models_file.resolve() != PUBLIC_MODELS_FILE.resolve():
         return ""
     return (
-        "\nThe default models file lists public checkpoints that are not in the repository."
+        "\nweights/public.toml lists public checkpoints that are not in the repository."
         "\nEither run (from the repository root)"
         "\n    python weights/download.py"
         "\nwhich needs the network and checks each file's SHA-256, or point VISION_MODELS_FILE"

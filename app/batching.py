@@ -14,6 +14,10 @@ One :class:`MicroBatcher` per served model (LitServe's seam: decode -> batch -> 
   keeps decoding and queueing the next requests' images, so the next batch is ready when it returns.
 - The outputs are checked (one per input) and mapped back in order. An exception in ``predict``
   fails that batch's requests with 500 INTERNAL (logged with its traceback); the worker goes on.
+- Out of memory (``torch.OutOfMemoryError``, or a RuntimeError whose message says the allocator
+  ran out): the batch is split in halves and each half retried, down to single images; an image
+  that still runs out of memory alone fails with 503 OVERLOADED (Retry-After), the others of its
+  batch are answered. The CUDA cache is emptied before each retry.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from app.errors import deadline_exceeded, draining, internal, overloaded
+import torch
+
+from app.errors import ApiError, deadline_exceeded, draining, internal, overloaded
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -233,7 +239,13 @@ class MicroBatcher(Generic[InT, OutT]):
         values = [item.value for item in batch]
         start = time.perf_counter()
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._predict, values)
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._predict_splitting, values
+            )
+        except _OutputCountError as exc:
+            log.error("model %s: %s", self.name, exc)
+            self._fail(batch)
+            return
         except Exception as exc:
             log.error("model %s: predict failed on a batch of %d", self.name, len(batch), exc_info=exc)
             self._fail(batch)
@@ -242,15 +254,41 @@ class MicroBatcher(Generic[InT, OutT]):
         if self._metrics is not None:
             self._metrics.inference_seconds.labels(self.name).observe(elapsed)
             self._metrics.batch_size.labels(self.name).observe(len(batch))
-        if len(outputs) != len(batch):
-            log.error(
-                "model %s: predict returned %d outputs for %d inputs", self.name, len(outputs), len(batch)
-            )
-            self._fail(batch)
-            return
         for item, output in zip(batch, outputs, strict=True):
-            if not item.future.done():
+            if item.future.done():
+                continue
+            if isinstance(output, _OutOfMemory):
+                if self._metrics is not None:
+                    self._metrics.rejects.labels("OVERLOADED").inc()
+                item.future.set_exception(output.error)
+            else:
                 item.future.set_result(output)
+
+    def _predict_splitting(self, values: list[InT]) -> list[OutT | _OutOfMemory]:
+        """``predict(values)``, halving the batch on out-of-memory down to single images; an image
+        that alone runs out of memory gets an :class:`_OutOfMemory`. Runs in the inference thread."""
+        try:
+            outputs = self._predict(values)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            del exc  # its traceback holds the failed forward's tensors
+            release_cached_memory()
+            if len(values) == 1:
+                log.warning("model %s: out of memory on a single image; answering 503", self.name)
+                return [_OutOfMemory(self.name)]
+            half = len(values) // 2
+            log.warning(
+                "model %s: out of memory on a batch of %d; retrying as %d + %d",
+                self.name,
+                len(values),
+                half,
+                len(values) - half,
+            )
+            return [*self._predict_splitting(values[:half]), *self._predict_splitting(values[half:])]
+        if len(outputs) != len(values):
+            raise _OutputCountError(f"predict returned {len(outputs)} outputs for {len(values)} inputs")
+        return list(outputs)
 
     def _fail(self, batch: list[_Item[InT, OutT]]) -> None:
         for item in batch:
@@ -260,3 +298,33 @@ class MicroBatcher(Generic[InT, OutT]):
     def _update_depth(self) -> None:
         if self._metrics is not None:
             self._metrics.queue_depth.labels(self.name).set(len(self._items))
+
+
+class _OutputCountError(RuntimeError):
+    """``predict`` broke its contract: not one output per input."""
+
+
+class _OutOfMemory:
+    """The output of an image that ran out of memory even alone: 503 OVERLOADED."""
+
+    def __init__(self, model: str) -> None:
+        self.error = ApiError(
+            503, "OVERLOADED", f"model '{model}' ran out of memory on this image; retry later"
+        )
+
+
+#: Allocator messages of an out-of-memory (CUDA, the CPU allocator, MPS).
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """``torch.OutOfMemoryError`` (CUDA), or a RuntimeError whose message says the allocator failed."""
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def release_cached_memory() -> None:
+    """Give the CUDA caching allocator's free blocks back before a retry (no-op without CUDA)."""
+    torch.cuda.empty_cache()  # does nothing where CUDA was never initialised

@@ -32,6 +32,11 @@ def invalid_image(message: str) -> ApiError:
     return ApiError(400, "INVALID_IMAGE", message)
 
 
+def unauthorized(message: str) -> ApiError:
+    """401 UNAUTHORIZED with the challenge clients expect (``WWW-Authenticate: Bearer``)."""
+    return ApiError(401, "UNAUTHORIZED", message, {"WWW-Authenticate": 'Bearer realm="vision-serve"'})
+
+
 def model_not_found(message: str) -> ApiError:
     return ApiError(404, "MODEL_NOT_FOUND", message)
 

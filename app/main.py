@@ -26,10 +26,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import add_api_key_auth, add_cors
 from app.errors import ApiError, error_body
 from app.metrics import Metrics
 from app.models_file import read_models_file
-from app.routers import health, models, predict
+from app.routers import health, models, predict, render, ui, v2
 from app.service import ServiceState, load_predictors, serve_models, warm_up
 from app.settings import Settings
 from models import Predictor
@@ -99,10 +100,15 @@ def create_app(
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(predict.router)
+    app.include_router(v2.router)
+    app.include_router(render.router)
+    ui.add_ui(app, settings)  # the browser page at /, unless VISION_UI_ENABLED=false
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    add_api_key_auth(app, settings)  # inside the request context: 401s get an id, a log line, metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    add_cors(app, settings)  # outermost: preflights pass, 401s carry the CORS headers
     return app
 
 
@@ -204,7 +210,9 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 status = message["status"]
-                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                headers["Server-Timing"] = f"app;dur={(time.perf_counter() - start) * 1000:.1f}"
             await send(message)
 
         try:

@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -63,6 +63,7 @@ class Settings(BaseSettings):
         description="request deadline; X-Request-Timeout-Ms may shorten it, never lengthen",
     )
     docs_enabled: bool = Field(default=True, description="serve /docs, /redoc and /openapi.json")
+    ui_enabled: bool = Field(default=True, description="serve the browser page at / (its files under /ui/)")
     torch_threads: int | None = Field(
         default=None, gt=0, description="torch intra-op threads (default: all cores)"
     )
@@ -76,6 +77,29 @@ class Settings(BaseSettings):
         default=None,
         description="images of the served models' own kind, for precision=int8 calibration "
         "(a models-file entry's calibration_dir overrides it)",
+    )
+    api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="comma-separated API keys (several: rotation); empty = no authentication",
+    )
+    metrics_public: bool = Field(
+        default=True, description="/metrics answers without an API key (health paths always do)"
+    )
+    cors_origins: str = Field(
+        default="", description="comma-separated origins allowed by CORS ('*' = any); empty = no CORS"
+    )
+    drain_delay_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="after SIGTERM: seconds of 503 DRAINING (readiness and new work) with the socket "
+        "still open, so load balancers notice, before the graceful shutdown starts",
+    )
+    drain_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="graceful shutdown: seconds in-flight requests get to finish before they are cut",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(default=False, description="one JSON object per log line")
@@ -152,8 +176,23 @@ class Settings(BaseSettings):
         return self.precision == "int8"
 
     @property
+    def api_key_list(self) -> tuple[str, ...]:
+        """The API keys (blanks dropped); empty: authentication is off."""
+        return _split_list(self.api_keys.get_secret_value())
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """The CORS origins; empty: no CORS headers at all."""
+        return _split_list(self.cors_origins)
+
+    @property
     def resolved_torch_threads(self) -> int:
         return self.torch_threads or os.cpu_count() or 1
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _bf16_native(device: str) -> bool:

@@ -8,11 +8,13 @@ decode threads (``app.images``), then the model's micro-batcher; one result per 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, NamedTuple
 
 import torch
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import DeadlineDep, RegistryDep, StateDep
@@ -122,31 +124,63 @@ async def predict(
 async def _serve(
     request: Request, state: ServiceState, served: ServedModel, query: BaseModel, deadline: float
 ) -> JSONResponse:
+    run = await run_model(request, state, served, query, deadline)
+    results: list[dict[str, Any]]
+    if run.task == "classify":
+        results = [_classify_result(i, run.sizes[i], out, served) for i, out in enumerate(run.outputs)]
+    else:
+        assert isinstance(query, DetectQuery)
+        results = [
+            _detect_result(i, run.sizes[i], out, served, query.box_format, query.normalized)
+            for i, out in enumerate(run.outputs)
+        ]
+    body = {"request_id": request.state.request_id, "model": served.name, "results": results}
+    return JSONResponse(body)
+
+
+@dataclass
+class ModelRun:
+    """One request's images through a model: outputs, displayed sizes, and the decoded images
+    (only when asked: ``keep_images``)."""
+
+    task: Literal["classify", "detect"]
+    outputs: list[Any]  # ClassifyOutput or DetectOutput, one per image, in order
+    sizes: list[tuple[int, int]]  # (width, height) as displayed
+    images: list[Image.Image] = field(default_factory=list)
+
+
+async def run_model(
+    request: Request,
+    state: ServiceState,
+    served: ServedModel,
+    query: BaseModel,
+    deadline: float,
+    *,
+    max_files: int | None = None,
+    keep_images: bool = False,
+) -> ModelRun:
+    """The predict path every POST shares: serving check, uploads (at most ``max_files``, default
+    the setting), metrics, queue reservation, decode + preprocess, deadline, the model's batcher."""
     request.state.model = served.name
     state.check_serving(served)
     settings = state.settings
-    uploads = await read_uploads(request, settings.max_body_bytes, settings.max_files)
+    uploads = await read_uploads(request, settings.max_body_bytes, max_files or settings.max_files)
     state.metrics.images_per_request.labels(served.name).observe(len(uploads))
     with served.batcher.reserve(len(uploads)) as ticket:
-        images = await _decode_all(state, served, uploads)
+        decoded = await _decode_each(state, served, uploads, keep_images)
         if asyncio.get_running_loop().time() >= deadline:
             raise deadline_exceeded()
-        sizes = [size for _, size in images]
-        results: list[dict[str, Any]]
+        sizes = [d.size for d in decoded]
+        images = [d.image for d in decoded if d.image is not None]
         if isinstance(query, ClassifyQuery) and served.task == "classify":
             top_k = query.top_k or _default(served, "top_k", DEFAULT_TOP_K)
-            outputs = await served.batcher.submit([(t, top_k) for t, _ in images], deadline, ticket)
-            results = [_classify_result(i, sizes[i], out, served) for i, out in enumerate(outputs)]
-        else:
-            assert isinstance(query, DetectQuery)
-            params = _detect_params(query, served)
-            outputs = await served.batcher.submit([(t, size, params) for t, size in images], deadline, ticket)
-            results = [
-                _detect_result(i, sizes[i], out, served, query.box_format, query.normalized)
-                for i, out in enumerate(outputs)
-            ]
-    body = {"request_id": request.state.request_id, "model": served.name, "results": results}
-    return JSONResponse(body)
+            outputs = await served.batcher.submit([(d.tensor, top_k) for d in decoded], deadline, ticket)
+            return ModelRun("classify", list(outputs), sizes, images)
+        assert isinstance(query, DetectQuery)
+        params = _detect_params(query, served)
+        items = [(d.tensor, d.size, params) for d in decoded]
+        outputs = await served.batcher.submit(items, deadline, ticket)
+        return ModelRun("detect", list(outputs), sizes, images)
 
 
 def _detect_params(query: DetectQuery, served: ServedModel) -> DetectParams:
@@ -168,17 +202,30 @@ def _default(served: ServedModel, key: str, fallback: Any) -> Any:
     return fallback if value is None else value
 
 
+class _Decoded(NamedTuple):
+    tensor: torch.Tensor  # the model's input
+    size: tuple[int, int]  # (width, height) as displayed
+    image: Image.Image | None  # the decoded RGB image, when kept
+
+
 async def _decode_all(
     state: ServiceState, served: ServedModel, uploads: list[bytes]
 ) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     """Decode + preprocess every upload in the decode threads; the first failure (by index) is raised."""
+    return [(d.tensor, d.size) for d in await _decode_each(state, served, uploads, keep_images=False)]
+
+
+async def _decode_each(
+    state: ServiceState, served: ServedModel, uploads: list[bytes], keep_images: bool
+) -> list[_Decoded]:
+    """:func:`_decode_all`, optionally keeping each decoded image."""
     loop = asyncio.get_running_loop()
     max_pixels = state.settings.max_image_pixels
     preprocess = served.predictor.preprocess
 
-    def work(data: bytes) -> tuple[torch.Tensor, tuple[int, int]]:
+    def work(data: bytes) -> _Decoded:
         image = decode_image(data, max_pixels)
-        return preprocess(image), image.size  # size: (width, height) as displayed
+        return _Decoded(preprocess(image), image.size, image if keep_images else None)
 
     jobs = [loop.run_in_executor(state.decode_pool, work, data) for data in uploads]
     done = await asyncio.gather(*jobs, return_exceptions=True)

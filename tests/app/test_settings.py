@@ -60,7 +60,6 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
         ("device", "gpu", "auto, cpu, cuda or cuda:N"),
         ("device", "cuda:x", "auto, cpu, cuda or cuda:N"),
         ("precision", "fp64", "fp32"),
-        ("precision", "int8", "not implemented"),
         ("max_body_bytes", "0", "greater than 0"),
         ("max_files", "-1", "greater than 0"),
         ("max_batch_size", "0", "greater than or equal to 1"),
