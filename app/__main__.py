@@ -26,7 +26,7 @@ from app.settings import Settings
 
 log = logging.getLogger("app")
 
-#: The models file of the public checkpoints; they come from ``weights/download.py``.
+#: The public checkpoints' models files (the default serves them too); ``weights/download.py`` fetches them.
 PUBLIC_MODELS_FILE = Path("weights/public.toml")
 #: The default models file: the small demo checkpoints committed under ``weights/demo/``.
 DEFAULT_MODELS_FILE = Path("weights/models.toml")
@@ -144,16 +144,10 @@ def _describe(exc: ValidationError) -> str:
 
 def _how_to_get_weights(models_file: Path) -> str:
     """What to do when a shipped models file's checkpoints are not there (empty for other files)."""
-    if models_file.resolve() == DEFAULT_MODELS_FILE.resolve():
-        return (
-            "\nThe default models file serves the demo checkpoints committed under weights/demo/;"
-            "\nrestore them from git (git checkout -- weights/demo) or retrain them with the commands"
-            "\nin weights/demo/README.md, or point VISION_MODELS_FILE at your own models file."
-        )
-    if models_file.resolve() != PUBLIC_MODELS_FILE.resolve():
+    if models_file.resolve() not in {DEFAULT_MODELS_FILE.resolve(), PUBLIC_MODELS_FILE.resolve()}:
         return ""
     return (
-        "\nweights/public.toml lists public checkpoints that are not in the repository."
+        f"\n{models_file} lists public checkpoints that are not in the repository."
         "\nEither run (from the repository root)"
         "\n    python weights/download.py"
         "\nwhich needs the network and checks each file's SHA-256, or point VISION_MODELS_FILE"

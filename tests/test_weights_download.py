@@ -25,7 +25,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "weights" / "download.py"
-MODELS_TOML = ROOT / "weights" / "models.toml"
+MODELS_TOML = ROOT / "weights" / "public.toml"  # the public checkpoints' models file
 
 
 def _load_script() -> ModuleType:
@@ -266,7 +266,7 @@ def test_cli_list_and_unknown_name() -> None:
     assert "unknown checkpoint 'resnet50'" in unknown.stderr
 
 
-# -- the catalogue against its sources and against models.toml ---------------------------------
+# -- the catalogue against its sources and against public.toml ---------------------------------
 
 
 def test_torchvision_digests_match_their_file_name_prefix() -> None:
@@ -280,7 +280,7 @@ def test_torchvision_digests_match_their_file_name_prefix() -> None:
         assert ckpt.url.endswith("/" + ckpt.filename)
 
 
-def test_models_toml_agrees_with_the_downloader() -> None:
+def test_public_models_file_agrees_with_the_downloader() -> None:
     entries = tomllib.loads(MODELS_TOML.read_text())["models"]
     catalogue = {c.filename: c for c in download.CHECKPOINTS}
     assert {e["weights"] for e in entries} == set(catalogue)

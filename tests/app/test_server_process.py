@@ -180,8 +180,8 @@ def test_bad_setting_exits_2_with_one_line() -> None:
     result = run_app(clean_env(VISION_MAX_FILES="lots"))
     assert result.returncode == 2
     assert "VISION_MAX_FILES" in result.stderr and "Traceback" not in result.stderr
-    int8 = run_app(clean_env(VISION_PRECISION="int8"))
-    assert int8.returncode == 2 and "int8 is not implemented" in int8.stderr
+    int8 = run_app(clean_env(VISION_PRECISION="int8", VISION_DEVICE="cuda"))
+    assert int8.returncode == 2 and "CPU only" in int8.stderr and "Traceback" not in int8.stderr
 
 
 def test_bad_models_file_exits_non_zero_naming_file_and_entry(tmp_path: Path) -> None:
@@ -210,11 +210,11 @@ def test_truncated_checkpoint_exits_non_zero_with_the_models_message(tmp_path: P
     assert len(result.stderr.strip().splitlines()) <= 3, result.stderr  # one message, not a log dump
 
 
-def test_default_models_file_without_checkpoints_says_what_to_do(tmp_path: Path) -> None:
+def test_public_models_file_without_checkpoints_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "models.toml").write_text((REPO / "weights" / "models.toml").read_text())
+    (tmp_path / "weights" / "public.toml").write_text((REPO / "weights" / "public.toml").read_text())
     (tmp_path / "weights" / "voc.txt").write_text((REPO / "weights" / "voc.txt").read_text())
-    result = run_app(clean_env(), cwd=tmp_path)
+    result = run_app(clean_env(VISION_MODELS_FILE="weights/public.toml"), cwd=tmp_path)
     assert result.returncode == 1
     assert "checkpoint file(s) not found" in result.stderr
     assert "python weights/download.py" in result.stderr and "VISION_MODELS_FILE" in result.stderr

@@ -1,0 +1,75 @@
+"""Checkpoints from ``python -m train`` are served by the app as they are, and the committed demo
+models (the default ``weights/models.toml``) find shapes in images these tests draw themselves."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from app.main import create_app
+from tests.app.harness import running, settings_for
+from train.synth import CLASSES
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_MODELS = REPO / "weights" / "models.toml"
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _iou(a: dict[str, float], b: tuple[float, float, float, float]) -> float:
+    ix = max(0.0, min(a["x2"], b[2]) - max(a["x1"], b[0]))
+    iy = max(0.0, min(a["y2"], b[3]) - max(a["y1"], b[1]))
+    inter = ix * iy
+    return inter / ((a["x2"] - a["x1"]) * (a["y2"] - a["y1"]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def _scene() -> tuple[Image.Image, list[tuple[str, tuple[float, float, float, float]]]]:
+    """A 360 x 280 picture: a soft two-tone background, a red ellipse, a blue rectangle and a
+    yellow triangle, drawn here with PIL (not with train.synth); boxes are the shapes' extents."""
+    image = Image.new("RGB", (360, 280), (70, 110, 90))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, 140, 360, 280), fill=(95, 125, 105))
+    shapes = [
+        ("ellipse", (30.0, 30.0, 150.0, 120.0)),
+        ("rectangle", (200.0, 40.0, 320.0, 130.0)),
+        ("triangle", (120.0, 150.0, 250.0, 260.0)),
+    ]
+    draw.ellipse(shapes[0][1], fill=(220, 40, 40))
+    draw.rectangle(shapes[1][1], fill=(40, 70, 220))
+    x1, y1, x2, y2 = shapes[2][1]
+    draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=(235, 210, 40))
+    return image, shapes
+
+
+async def test_checkpoints_written_by_training_are_served(trained_classifier: Path, trained_detector: Path,
+                                                          tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(
+        f'[[models]]\nname = "trained-vgg"\ntask = "classify"\narch = "vgg16_bn"\nformat = "project"\n'
+        f'weights = "{trained_classifier / "best.pth"}"\n\n'
+        f'[[models]]\nname = "trained-ssd"\ntask = "detect"\narch = "ssd300"\nformat = "project"\n'
+        f'weights = "{trained_detector / "best.pth"}"\nscore_threshold = 0.0\n'
+    )
+    image, _ = _scene()
+    app = create_app(settings_for(models_file=models))
+    async with running(app) as client:
+        listed = (await client.get("/v1/models")).json()
+        assert {m["name"] for m in listed["models"]} == {"trained-vgg", "trained-ssd"}
+        info = (await client.get("/v1/models/trained-ssd")).json()
+        assert info["labels"] == list(CLASSES) and info["format"] == "project"
+        classified = await client.post("/v1/classify", files={"file": ("a.png", _png(image), "image/png")})
+        assert classified.status_code == 200, classified.text
+        predictions = classified.json()["results"][0]["predictions"]
+        assert {p["label"] for p in predictions} == set(CLASSES)  # top 5 of 4 classes: all of them
+        detected = await client.post("/v1/detect?max_detections=5",
+                                     files={"file": ("a.png", _png(image), "image/png")})
+        assert detected.status_code == 200, detected.text
+        detections = detected.json()["results"][0]["detections"]
+        assert len(detections) == 5  # an untrained model is unsure of everything; threshold 0 keeps them
+        assert all(d["label"] in CLASSES for d in detections)
