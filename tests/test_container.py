@@ -49,7 +49,7 @@ def _wheel_binary(distribution: str, name: str) -> Path:
                     if head.read(2) != b"#!":
                         return path
     raise AssertionError(
-        f"{distribution} is installed without an executable {name}: pip install -e '.[test,bench]'"
+        f"{distribution} is installed without an executable {name}: pip install -e '.[test,bench,train]'"
     )
 
 
