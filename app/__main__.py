@@ -26,7 +26,7 @@ from app.settings import Settings
 
 log = logging.getLogger("app")
 
-#: The public checkpoints' models files (the default serves them too); ``weights/download.py`` fetches them.
+#: The public checkpoints' models file; ``weights/download.py`` fetches its checkpoints.
 PUBLIC_MODELS_FILE = Path("weights/public.toml")
 #: The default models file: the small demo checkpoints committed under ``weights/demo/``.
 DEFAULT_MODELS_FILE = Path("weights/models.toml")
@@ -144,16 +144,22 @@ def _describe(exc: ValidationError) -> str:
 
 def _how_to_get_weights(models_file: Path) -> str:
     """What to do when a shipped models file's checkpoints are not there (empty for other files)."""
-    if models_file.resolve() not in {DEFAULT_MODELS_FILE.resolve(), PUBLIC_MODELS_FILE.resolve()}:
-        return ""
-    return (
-        f"\n{models_file} lists public checkpoints that are not in the repository."
-        "\nEither run (from the repository root)"
-        "\n    python weights/download.py"
-        "\nwhich needs the network and checks each file's SHA-256, or point VISION_MODELS_FILE"
-        "\nat your own models file (see weights/README.md)."
-    )
-
+    resolved = models_file.resolve()
+    if resolved == DEFAULT_MODELS_FILE.resolve():
+        return (
+            f"\n{models_file} serves the demo checkpoints committed under weights/demo/; they are part"
+            "\nof the repository, so this checkout is incomplete (git checkout -- weights/demo restores"
+            "\nthem), or point VISION_MODELS_FILE at your own models file (see weights/README.md)."
+        )
+    if resolved == PUBLIC_MODELS_FILE.resolve():
+        return (
+            f"\n{models_file} lists public checkpoints that are not in the repository."
+            "\nEither run (from the repository root)"
+            "\n    python weights/download.py"
+            "\nwhich needs the network and checks each file's SHA-256, or point VISION_MODELS_FILE"
+            "\nat your own models file (see weights/README.md)."
+        )
+    return ""
 
 if __name__ == "__main__":
     sys.exit(main())

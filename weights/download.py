@@ -1,8 +1,8 @@
-"""Download the public checkpoints that ``weights/models.toml`` serves, verifying their SHA-256.
+"""Download the public checkpoints that ``weights/public.toml`` serves, verifying their SHA-256.
 
     python weights/download.py                  # all of them, into the folder holding this script
     python weights/download.py --list           # what would be fetched, from where, with which hash
-    python weights/download.py ssd300-voc       # one of them (models.toml name or file name)
+    python weights/download.py ssd300-voc       # one of them (public.toml name or file name)
     python weights/download.py --mirror http://files.internal/ckpt/   # same files, another host
 
 Standard library only, so it runs before (or without) ``pip install``. Each file is streamed to a
@@ -38,11 +38,11 @@ class Checkpoint:
 
     ``sha256`` is the full hex digest from a published source (see weights/README.md), or None
     where no trustworthy source publishes one: then the file is fetched unverified and its digest
-    printed, for the user to pin in models.toml. ``size`` (bytes) is checked against the server's
+    printed, for the user to pin in public.toml. ``size`` (bytes) is checked against the server's
     Content-Length before the body is read, so a wrong file fails fast.
     """
 
-    name: str  # the models.toml entry that serves it
+    name: str  # the public.toml entry that serves it
     filename: str
     url: str
     sha256: str | None
@@ -101,7 +101,7 @@ def source_url(ckpt: Checkpoint, mirror: str | None) -> str:
 
 
 def _by_hand(ckpt: Checkpoint, dest: Path) -> str:
-    expected = ckpt.sha256 or "none published (check the file yourself, then pin it in models.toml)"
+    expected = ckpt.sha256 or "none published (check the file yourself, then pin it in public.toml)"
     return (
         f"Download {ckpt.filename} from {ckpt.url} on a machine that has network access and copy it "
         f"to {dest}; expected sha256 {expected}"
@@ -188,7 +188,7 @@ def _stream(ckpt: Checkpoint, url: str, out: BinaryIO, dest: Path, timeout: floa
 
 
 def select(names: Sequence[str]) -> list[Checkpoint]:
-    """The checkpoints named (models.toml name or file name); all of them when ``names`` is empty."""
+    """The checkpoints named (public.toml name or file name); all of them when ``names`` is empty."""
     if not names:
         return list(CHECKPOINTS)
     chosen: list[Checkpoint] = []
@@ -213,10 +213,10 @@ def describe(ckpt: Checkpoint) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python weights/download.py",
-        description="Download the public checkpoints served by weights/models.toml, verifying SHA-256.",
+        description="Download the public checkpoints served by weights/public.toml, verifying SHA-256.",
     )
     parser.add_argument(
-        "names", nargs="*", metavar="NAME", help="models.toml name or file name (default: all)"
+        "names", nargs="*", metavar="NAME", help="public.toml name or file name (default: all)"
     )
     parser.add_argument(
         "--dir",

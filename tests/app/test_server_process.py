@@ -219,3 +219,12 @@ def test_public_models_file_without_checkpoints_says_what_to_do(tmp_path: Path) 
     assert "checkpoint file(s) not found" in result.stderr
     assert "python weights/download.py" in result.stderr and "VISION_MODELS_FILE" in result.stderr
     assert "weights/README.md" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_default_models_file_without_demo_checkpoints_says_the_checkout_is_incomplete(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "models.toml").write_text((REPO / "weights" / "models.toml").read_text())
+    result = run_app(clean_env(), cwd=tmp_path)  # VISION_MODELS_FILE unset: the default file
+    assert result.returncode == 1
+    assert "checkpoint file(s) not found" in result.stderr and "shapes-vgg16-bn" in result.stderr
+    assert "git checkout -- weights/demo" in result.stderr and "Traceback" not in result.stderr

@@ -73,3 +73,44 @@ async def test_checkpoints_written_by_training_are_served(trained_classifier: Pa
         detections = detected.json()["results"][0]["detections"]
         assert len(detections) == 5  # an untrained model is unsure of everything; threshold 0 keeps them
         assert all(d["label"] in CLASSES for d in detections)
+
+
+def test_default_models_file_serves_the_committed_demo_checkpoints() -> None:
+    """weights/models.toml pins each demo file's SHA-256, and the demo README's table names the same."""
+    import hashlib
+    import tomllib
+
+    entries = tomllib.loads(DEMO_MODELS.read_text())["models"]
+    assert {(m["task"], m["format"]) for m in entries} == {("classify", "project"), ("detect", "project")}
+    readme = (REPO / "weights" / "demo" / "README.md").read_text()
+    for entry in entries:
+        path = DEMO_MODELS.parent / entry["weights"]
+        assert path.parent.name == "demo" and path.stat().st_size < 5_000_000  # small enough for git
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert entry["sha256"] == digest, f"{path.name}: models.toml pins another file"
+        assert digest in readme
+
+
+async def test_demo_models_find_the_shapes_drawn_here() -> None:
+    """The default models file, served as the README's start command serves it: the detector finds
+    each of the three shapes this test draws (right label, IoU >= 0.5) and the classifier names a
+    picture holding one shape."""
+    image, shapes = _scene()
+    app = create_app(settings_for(models_file=DEMO_MODELS))
+    async with running(app) as client:
+        detected = await client.post("/v1/detect?score_threshold=0.3",
+                                     files={"file": ("scene.png", _png(image), "image/png")})
+        assert detected.status_code == 200, detected.text
+        body = detected.json()
+        assert body["model"] == "shapes-ssd300"
+        found = body["results"][0]["detections"]
+        for label, box in shapes:
+            best = max((_iou(d["box"], box) for d in found if d["label"] == label), default=0.0)
+            assert best >= 0.5, f"{label} at {box} not found: {found}"
+        for label, box in shapes:  # one shape alone on the background, as the classifier was trained
+            x1, y1, x2, y2 = box
+            crop = image.crop((int(x1) - 20, int(y1) - 20, int(x2) + 20, int(y2) + 20))
+            classified = await client.post("/v1/classify?top_k=1",
+                                           files={"file": ("one.png", _png(crop), "image/png")})
+            assert classified.status_code == 200, classified.text
+            assert classified.json()["results"][0]["predictions"][0]["label"] == label
