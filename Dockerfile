@@ -4,10 +4,10 @@
 # torch wheels from the default package index, which are CUDA 13.0 builds (torch 2.14.1+cu130)
 # carrying their own cuDNN/cuBLAS; the host needs only the NVIDIA driver and container toolkit.
 #   docker build -t vision-serve:gpu .
-# CPU image: Debian slim with Python 3.11 and the CPU-only torch wheels (about 1 GB instead of 6).
+# CPU image: Debian slim with Python 3.11; TORCH_INDEX set to PyTorch's CPU-only wheel index (the
+# URL PyTorch's "Get Started" page gives for pip and CPU) makes torch about 1 GB instead of 6.
 #   docker build -t vision-serve:cpu \
-#     --build-arg BASE_IMAGE=python:3.11-slim \
-#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
+#     --build-arg BASE_IMAGE=python:3.11-slim --build-arg TORCH_INDEX="$CPU_WHEEL_INDEX" .
 # Run: mount the folder holding models.toml and the checkpoints read-only on /weights.
 #   docker run --gpus all -p 8000:8000 -v "$PWD/weights:/weights:ro" vision-serve:gpu
 
@@ -50,9 +50,11 @@ COPY models ./models
 # The other dependencies' bounds are in pyproject.toml; torch is satisfied by the layer above.
 RUN pip install .
 
-# Default models file and label files; the checkpoints are not in the image (.dockerignore):
-# mount the real folder over /weights read-only, e.g. -v "$PWD/weights:/weights:ro".
-COPY weights/models.toml weights/voc.txt weights/download.py weights/README.md /weights/
+# The models files, label file and the small demo checkpoints (2.8 MB) that the default models.toml
+# serves, so the image answers with no mount. Other checkpoints are not in the image (.dockerignore):
+# mount your folder over /weights read-only, e.g. -v "$PWD/weights:/weights:ro".
+COPY weights/models.toml weights/public.toml weights/voc.txt weights/download.py weights/README.md /weights/
+COPY weights/demo /weights/demo
 
 # glibc malloc kept from unmapping and trimming the activation buffers every batch (page faults
 # cost 1.2x-2.7x on CPU). `python -m app` sets the same when missing (app/allocator.py); here it is

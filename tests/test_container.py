@@ -183,9 +183,12 @@ def test_dockerignore_keeps_venv_and_checkpoints_out() -> None:
     assert {".venv", "weights/*.pth", "weights/*.pt", ".pytest_cache", ".git"} <= patterns
     # what the Dockerfile COPYs must not be ignored
     copied = " ".join(a for k, a in _instructions(DOCKERFILE) if k == "COPY")
-    for needed in ("app", "models", "pyproject.toml", "weights/models.toml", "weights/voc.txt"):
+    for needed in ("app", "models", "pyproject.toml", "weights/models.toml", "weights/voc.txt", "weights/demo"):
         assert needed in copied
         assert needed not in patterns
+    # the demo checkpoints the default models.toml serves are re-included after the *.pth rules
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert lines.index("!weights/demo/*.pth") > lines.index("weights/**/*.pth")
 
 
 # -- docker-compose.yml -------------------------------------------------------------------------
@@ -221,7 +224,18 @@ def test_compose_cpu_profile(compose_cpu: dict[str, Any]) -> None:
     assert svc["environment"]["VISION_DEVICE"] == "cpu"
     args = svc["build"]["args"]
     assert args["BASE_IMAGE"].startswith("python:3.11")
-    assert args["TORCH_INDEX"].endswith("/cpu")
+    assert args["TORCH_INDEX"] == ""  # pip's configured index unless VISION_TORCH_INDEX names one
+
+
+def test_compose_cpu_wheel_index_comes_from_the_environment(compose_bin: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "VISION_", "DOCKER_"))}
+    env["VISION_TORCH_INDEX"] = "file:///srv/wheels/cpu"
+    proc = subprocess.run(
+        [str(compose_bin), "-f", str(COMPOSE_FILE), "--profile", "cpu", "config", "--format", "json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["services"]["vision-cpu"]["build"]["args"]["TORCH_INDEX"] == env["VISION_TORCH_INDEX"]
 
 
 def test_compose_host_port_is_overridable(compose_bin: Path) -> None:

@@ -251,7 +251,7 @@ def test_compose_cpu_override_drops_the_gpu() -> None:
     for name, svc in replicas_of(config).items():
         assert not svc.get("deploy", {}).get("resources", {}).get("reservations"), name
         assert svc["environment"]["VISION_DEVICE"] == "cpu"
-        assert svc["build"]["args"]["TORCH_INDEX"].endswith("/cpu")
+        assert svc["build"]["args"]["TORCH_INDEX"] == ""  # set through VISION_TORCH_INDEX
         assert svc["restart"] == "unless-stopped"
 
 
