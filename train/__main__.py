@@ -135,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val",
                    help="folder (classifier) or ImageSets/Main/<name>.txt (default val)")
     e.add_argument("--batch-size", type=_positive_int, default=16)
+    e.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="run the model in this precision; other than fp32 also reports the agreement "
+                        "with fp32 on the same images (default fp32)")
+    e.add_argument("--calibration", type=Path, default=None,
+                   help="with --precision int8: a folder of images to calibrate on (not the scored ones), "
+                        "as VISION_INT8_CALIBRATION_DIR does for the service")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return parser
 
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "evaluate":
         from train.evaluate import evaluate_checkpoint
 
-        result = evaluate_checkpoint(args.weights, args.data, args.split, args.batch_size, show=args.progress)
+        result = evaluate_checkpoint(args.weights, args.data, args.split, args.batch_size, show=args.progress,
+                                     precision=args.precision, calibration=args.calibration)
         print(json.dumps(result, indent=1))
         return 0
     if args.threads:

@@ -114,3 +114,29 @@ async def test_demo_models_find_the_shapes_drawn_here() -> None:
                                            files={"file": ("one.png", _png(crop), "image/png")})
             assert classified.status_code == 200, classified.text
             assert classified.json()["results"][0]["predictions"][0]["label"] == label
+
+
+def test_evaluate_int8_reports_accuracy_and_agreement_with_fp32(tmp_path: Path) -> None:
+    """``python -m train evaluate --precision int8`` on the demo classifier: held-out top-1 and the
+    agreement with fp32 on the same images; int8 without calibration images is refused."""
+    import pytest
+
+    from train.evaluate import evaluate_checkpoint
+    from train.synth import write_folders
+
+    data = write_folders(tmp_path / "cls", train=0, val=24, seed=5, size=96)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for i, path in enumerate(sorted((data / "val").glob("*/*"))[:12]):
+        (calibration / f"{i}{path.suffix}").write_bytes(path.read_bytes())
+    weights = DEMO_MODELS.parent / "demo" / "shapes-vgg16-bn-w16.pth"
+    fp32 = evaluate_checkpoint(weights, data, show=False)
+    int8 = evaluate_checkpoint(weights, data, show=False, precision="int8", calibration=calibration)
+    assert "agreement" not in fp32 and fp32["top1"] >= 0.8
+    assert int8["precision"] == "int8" and int8["images"] == 24
+    agreement = int8["agreement"]
+    assert agreement["images"] == 24 and 0.8 <= agreement["top1_agreement"] <= 1.0
+    assert abs(int8["top1"] - fp32["top1"]) <= 1 - agreement["top1_agreement"] + 1e-9
+    assert 0.0 < agreement["score_diff_max"] < 1.0  # int8 changes the scores, a little
+    with pytest.raises(SystemExit, match="needs --calibration"):
+        evaluate_checkpoint(weights, data, show=False, precision="int8")
