@@ -32,7 +32,8 @@ ALLOCATOR_ENV: dict[str, str] = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD
 CPU_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16)
 GPU_BATCHES: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: Input dtype per precision: int8 networks take float32 and quantize inside (models.quantize).
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "float32"}
 
 
 def machine_info() -> dict[str, Any]:
@@ -158,7 +159,13 @@ def load_network(
     ``device``, weights in ``precision``, channels_last, eval): (its network, (H, W) input size)."""
     from models import Precision, load_model
 
-    predictor = load_model(bench_spec(work_dir, name), device=device, precision=cast(Precision, precision))
+    float_precision = "fp32" if precision == "int8" else precision
+    spec = bench_spec(work_dir, name)
+    predictor = load_model(spec, device=device, precision=cast(Precision, float_precision))
+    if precision == "int8":  # as VISION_PRECISION=int8 does: FX static PTQ calibrated on images
+        from models.quantize import load_calibration_images, quantize_predictor
+
+        quantize_predictor(predictor, load_calibration_images(work_dir / "calibration"))
     return predictor.model, predictor.info.input_size
 
 
@@ -192,7 +199,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if precision == "fp16" and not args.device.startswith("cuda"):
             print("  fp16 skipped on the CPU (no fast fp16 kernels)", flush=True)
             continue
+        if precision == "int8" and args.device.startswith("cuda"):
+            print("  int8 skipped on CUDA (the quantized kernels are the CPU's)", flush=True)
+            continue
         network, input_size = load_network(args.work_dir, args.model, args.device, precision)
+        if precision == "int8":
+            print("  int8: calibrated on bench inputs' calibration/ images", flush=True)
         results.append(
             measure(network, input_size, args.device, precision, batches, args.min_seconds, args.min_iters)
         )

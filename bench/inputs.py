@@ -135,6 +135,34 @@ def write_images(out_dir: Path, sizes: Sequence[tuple[int, int]] = SIZES) -> lis
     return images
 
 
+#: How many calibration images ``write_calibration`` makes for int8 (``VISION_INT8_CALIBRATION_DIR``).
+CALIBRATION_IMAGES = 24
+
+
+def write_calibration(out_dir: Path, count: int = CALIBRATION_IMAGES, seed: int = 0) -> Path:
+    """Images for int8 calibration in ``out_dir``: seeded random crops (a third to all of each
+    side), some mirrored, of the same packaged photos, at 500x375. The random-weight benchmark models
+    have no "own kind" of image, so these only make the activation ranges photo-like; for a real
+    model, calibrate on its own images (README, "Precision"). Existing files are kept."""
+    import random
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(list(out_dir.glob("*.jpg"))) >= count:
+        return out_dir
+    rng = random.Random(seed)
+    photos, _ = source_photos()
+    for i in range(count):
+        name, photo = photos[i % len(photos)]
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.33, 1.0)), int(h * rng.uniform(0.33, 1.0))
+        left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        crop = photo.crop((left, top, left + cw, top + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        (out_dir / f"{name}_{i:02d}.jpg").write_bytes(encode_jpeg(fit(crop, 500, 375)))
+    return out_dir
+
+
 def images_of_size(images: Sequence[BenchImage], size: str) -> list[BenchImage]:
     """The images whose ``WxH`` is ``size`` (e.g. ``500x375``); ValueError when there are none."""
     chosen = [i for i in images if f"{i.width}x{i.height}" == size]
@@ -227,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for image in write_images(args.out / "images"):
         print(f"{image.path}  ({image.source})")
+    print(f"{write_calibration(args.out / 'calibration')}  (int8 calibration)")
     for name in filter(None, args.models.split(",")):
         model = write_model(name, args.out)
         print(f"{model.weights}  {model.models_file}")

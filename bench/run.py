@@ -93,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoints and JPEGs (default <out>/work)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--ours", type=_csv, default=None, help="our service's precisions (cpu: bf16; cuda: fp16)")
+    p.add_argument(
+        "--ours", type=_csv, default=None, help="our service's precisions (cpu: int8,bf16; cuda: fp16)"
+    )
     p.add_argument("--ours-env", action="append", default=[], help="KEY=VALUE for our service (repeatable)")
     p.add_argument("--max-batch-size", type=int, default=None, help="VISION_MAX_BATCH_SIZE and LitServe's")
     p.add_argument("--peers", type=_csv, default=None, help="fastapi,litserve or none (cuda: none)")
     p.add_argument("--peer-precisions", type=_csv, default=None, help="default: fp32 and ours' first")
     p.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None, help="cpu: on")
     p.add_argument(
-        "--ceiling-precisions", type=_csv, default=None, help="cpu: bf16,fp32; cuda: fp16,bf16,fp32"
+        "--ceiling-precisions", type=_csv, default=None, help="cpu: int8,bf16,fp32; cuda: fp16,bf16,fp32"
     )
     p.add_argument("--batches", type=lambda s: [int(x) for x in _csv(s)], default=None, help="ceiling sweep")
     p.add_argument("--ceiling-seconds", type=float, default=None, help="timed seconds per ceiling batch size")
@@ -136,10 +138,12 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     q = args.quick
     d: dict[str, Any] = {
         "models": ["vgg16"] if q else ["vgg16", "ssd300"],
-        "ours": ["fp16"] if cuda else ["bf16"],
+        "ours": ["fp16"] if cuda else (["bf16"] if q else ["int8", "bf16"]),
         "peers": [] if cuda else ["fastapi", "litserve"],
         "openvino": not cuda,
-        "ceiling_precisions": ["fp16", "bf16", "fp32"] if cuda else ["bf16", "fp32"],
+        "ceiling_precisions": (
+            ["fp16", "bf16", "fp32"] if cuda else (["bf16", "fp32"] if q else ["int8", "bf16", "fp32"])
+        ),
         "batches": ([1, 64] if q else list(GPU_BATCHES)) if cuda else ([1, 8] if q else list(CPU_BATCHES)),
         "concurrency": ("1,4" if q else ("32,128,256,32x8" if cuda else "1,2,4,8,16,32,64,16@1920x1080")),
         "peer_concurrency": "4" if q else "1,4,16,64",
@@ -157,10 +161,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.peers == ["none"]:
         args.peers = []
-    if args.peer_precisions is None:
-        args.peer_precisions = list(
-            dict.fromkeys(["fp32", args.ours[0] if args.ours[0] != "auto" else "bf16"])
-        )
+    if args.peer_precisions is None:  # fp32 and ours' first float precision (the peers have no int8)
+        floats = [p for p in args.ours if p in ("fp32", "bf16", "fp16")]
+        args.peer_precisions = list(dict.fromkeys(["fp32", floats[0] if floats else "bf16"]))
     if args.work_dir is None:
         args.work_dir = args.out / "work"
     return args
@@ -277,7 +280,12 @@ class Bench:
             key, _, value = item.partition("=")
             extra[key.strip()] = value
         headers = [("X-Request-Timeout-Ms", str(int(a.deadline_ms)))] if a.deadline_ms else []
-        configs = [ours_config(f"ours {p}", a.work_dir, model, p, a.device, extra, headers) for p in a.ours]
+        configs = []
+        for p in a.ours:
+            env = dict(extra)
+            if p == "int8":  # calibrated at start on bench.inputs' calibration images
+                env.setdefault("VISION_INT8_CALIBRATION_DIR", str(a.work_dir / "calibration"))
+            configs.append(ours_config(f"ours {p}", a.work_dir, model, p, a.device, env, headers))
         for kind in a.peers:
             for precision in a.peer_precisions:
                 careful = precision != "fp32" and a.allocator == "careful"

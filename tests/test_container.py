@@ -183,7 +183,8 @@ def test_dockerignore_keeps_venv_and_checkpoints_out() -> None:
     assert {".venv", "weights/*.pth", "weights/*.pt", ".pytest_cache", ".git"} <= patterns
     # what the Dockerfile COPYs must not be ignored
     copied = " ".join(a for k, a in _instructions(DOCKERFILE) if k == "COPY")
-    for needed in ("app", "models", "pyproject.toml", "weights/models.toml", "weights/voc.txt", "weights/demo"):
+    needs = ("app", "models", "pyproject.toml", "weights/models.toml", "weights/voc.txt", "weights/demo")
+    for needed in needs:
         assert needed in copied
         assert needed not in patterns
     # the demo checkpoints the default models.toml serves are re-included after the *.pth rules
@@ -235,7 +236,8 @@ def test_compose_cpu_wheel_index_comes_from_the_environment(compose_bin: Path) -
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["services"]["vision-cpu"]["build"]["args"]["TORCH_INDEX"] == env["VISION_TORCH_INDEX"]
+    args = json.loads(proc.stdout)["services"]["vision-cpu"]["build"]["args"]
+    assert args["TORCH_INDEX"] == env["VISION_TORCH_INDEX"]
 
 
 def test_compose_host_port_is_overridable(compose_bin: Path) -> None:

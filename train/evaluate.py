@@ -143,7 +143,8 @@ def evaluate_checkpoint(weights: Path, data: Path, split: str = "val", batch_siz
                 logits["reference"].append(_logits(reference, stacked))
         total = len(folder.samples)
         if reference is not None:
-            extra["agreement"] = agreement_report(torch.cat(logits["reference"]), torch.cat(logits["candidate"]))
+            extra["agreement"] = agreement_report(torch.cat(logits["reference"]),
+                                                  torch.cat(logits["candidate"]))
         return {"task": "classify", "images": total, "top1": correct / max(total, 1),
                 "per_class": {c: hits / max(n, 1) for c, (hits, n) in per_class.items()}, **extra}
 

@@ -95,16 +95,16 @@ def test_targets_against_ceiling_peers_latency_and_overload(results: dict[str, A
     assert summary["ceilings"]["bf16"]["images_per_s"] == 20.0  # median of 20, 22, 18
     assert summary["ours_best"] == {"label": "ours bf16", "concurrency": 16, "images_per_s": 28.0}
     targets = {t["name"]: t for t in summary["targets"]}
-    assert targets["ours / eager bf16 ceiling"]["value"] == pytest.approx(1.4)
-    assert targets["ours / eager bf16 ceiling"]["met"] is True  # >= 1.3
-    assert targets["ours / OpenVINO model-only"]["value"] == pytest.approx(28 / 30, abs=1e-3)
-    assert targets["ours / OpenVINO model-only"]["met"] is False
+    assert targets["ours (bf16) / eager bf16 ceiling"]["value"] == pytest.approx(1.4)
+    assert targets["ours (bf16) / eager bf16 ceiling"]["met"] is True  # >= 1.3
+    assert targets["ours (bf16) / OpenVINO model-only"]["value"] == pytest.approx(28 / 30, abs=1e-3)
+    assert targets["ours (bf16) / OpenVINO model-only"]["met"] is False
     assert (
-        targets["ours / fastapi fp32"]["value"] == pytest.approx(5.6)
-        and targets["ours / fastapi fp32"]["met"]
+        targets["ours (bf16) / fastapi fp32"]["value"] == pytest.approx(5.6)
+        and targets["ours (bf16) / fastapi fp32"]["met"]
     )
-    assert targets["ours / litserve bf16"]["value"] == pytest.approx(1.12)
-    assert targets["ours / litserve bf16"]["met"] is False  # needs 1.3 at the same precision
+    assert targets["ours (bf16) / litserve bf16"]["value"] == pytest.approx(1.12)
+    assert targets["ours (bf16) / litserve bf16"]["met"] is False  # needs 1.3 at the same precision
     p99_over_p50 = targets["ours p99 / p50 at 16 clients"]
     assert p99_over_p50["value"] == pytest.approx(750 / 550, abs=1e-3) and p99_over_p50["met"] is True
     overload_target = next(t for t in summary["targets"] if "overload" in t["name"])
@@ -112,6 +112,27 @@ def test_targets_against_ceiling_peers_latency_and_overload(results: dict[str, A
     # every level got its efficiency against the ceiling of its own precision
     fastapi = summary["servers"]["fastapi fp32"]["closed"][0]
     assert fastapi["efficiency"] == pytest.approx(5.0 / 5.0)
+
+
+def test_int8_is_measured_against_the_eager_bf16_bar_and_peers_at_their_precision(
+    results: dict[str, Any],
+) -> None:
+    doc = results["models"]["vgg16"]
+    for c in doc["ceiling"]:
+        c["results"].append({"precision": "int8", "best": {"batch": 8, "images_per_s": 40.0}})
+    doc["servers"]["ours int8"] = [server("ours int8", "ours", "int8", [closed(16, 36.0, 400, 500)])]
+    summary = summarize_model(doc, "cpu", "500x375", deadline_ms=1000)
+    assert summary["ours_best"]["label"] == "ours int8"
+    assert summary["baseline_precision"] == "bf16"  # int8 goes beyond the bar; it never becomes it
+    targets = {t["name"]: t for t in summary["targets"]}
+    assert targets["ours (int8) / eager bf16 ceiling"]["value"] == pytest.approx(36 / 20)
+    assert targets["ours (int8) / fastapi fp32"]["value"] == pytest.approx(36 / 5)
+    # against the bf16 peer: ours at bf16 (same precision) and ours at its best, both listed
+    assert targets["ours (bf16) / litserve bf16"]["value"] == pytest.approx(28 / 25)
+    assert targets["ours (int8) / litserve bf16"]["value"] == pytest.approx(36 / 25)
+    assert targets["ours (int8) / litserve bf16"]["met"] is True
+    # each level's efficiency is against the ceiling of its own precision
+    assert summary["servers"]["ours int8"]["closed"][0]["efficiency"] == pytest.approx(36 / 40)
 
 
 def test_overload_with_errors_or_late_answers_fails(results: dict[str, Any]) -> None:
@@ -139,8 +160,8 @@ def test_gpu_target_uses_the_best_level_within_100ms(results: dict[str, Any]) ->
         closed(32, 1800.0, 15, 30), closed(128, 2500.0, 50, 90), closed(256, 2700.0, 95, 180)])]}  # fmt: skip
     summary = summarize_model(doc, "cuda", "500x375", deadline_ms=30000)
     targets = {t["name"]: t for t in summary["targets"]}
-    assert targets["ours / eager fp16 ceiling"]["value"] == pytest.approx(0.9)
-    assert targets["ours / eager fp16 ceiling"]["met"] is True  # >= 0.8 on a GPU
+    assert targets["ours (fp16) / eager fp16 ceiling"]["value"] == pytest.approx(0.9)
+    assert targets["ours (fp16) / eager fp16 ceiling"]["met"] is True  # >= 0.8 on a GPU
     assert targets["ours images/s with p99 <= 100 ms"]["value"] == 2500.0
     assert targets["ours images/s with p99 <= 100 ms"]["met"] is True
 

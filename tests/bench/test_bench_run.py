@@ -12,7 +12,15 @@ import pytest
 from PIL import Image
 
 from bench.ceiling import ALLOCATOR_ENV, time_forward
-from bench.inputs import _toml_entry, bench_model, find_packaged_file, fit, images_of_size, write_images
+from bench.inputs import (
+    _toml_entry,
+    bench_model,
+    find_packaged_file,
+    fit,
+    images_of_size,
+    write_calibration,
+    write_images,
+)
 from bench.run import Bench, Level, build_parser, parse_levels, resolve_defaults
 from bench.servers import ServerConfig, ServerProcess, http_get_status
 
@@ -41,18 +49,26 @@ def test_defaults_by_mode_and_device(tmp_path: Path) -> None:
     assert quick.work_dir == tmp_path / "work"
     full = args_for()
     assert full.models == ["vgg16", "ssd300"]
+    assert full.ours == ["int8", "bf16"] and full.ceiling_precisions == ["int8", "bf16", "fp32"]
+    assert full.peer_precisions == ["fp32", "bf16"]  # the peers have no int8: their fastest float
     assert [lv.clients for lv in parse_levels(full.concurrency, "500x375")][:7] == [1, 2, 4, 8, 16, 32, 64]
     gpu = args_for("--device", "cuda", "--peers", "none")
     assert gpu.ours == ["fp16"] and gpu.peers == [] and gpu.openvino is False
     assert gpu.ceiling_precisions == ["fp16", "bf16", "fp32"] and max(gpu.batches) >= 128
-    assert args_for("--ours", "int8,bf16", "--peers", "litserve").peer_precisions == ["fp32", "int8"]
+    assert args_for("--ours", "int8", "--peers", "litserve").peer_precisions == ["fp32", "bf16"]
+    assert args_for("--ours", "fp32,int8").peer_precisions == ["fp32"]
 
 
 def test_server_configurations(tmp_path: Path) -> None:
     args = args_for("--out", str(tmp_path), "--ours-env", "VISION_MAX_DELAY_MS=7", "--max-batch-size", "16",
                     "--deadline-ms", "2000")  # fmt: skip
     configs = {c.label: c for c in Bench(args).server_configs("ssd300")}
-    assert list(configs) == ["ours bf16", "fastapi fp32", "fastapi bf16", "litserve fp32", "litserve bf16"]
+    assert list(configs) == [
+        "ours int8", "ours bf16", "fastapi fp32", "fastapi bf16", "litserve fp32", "litserve bf16"
+    ]
+    # int8 is calibrated at start on the bench's own calibration images; bf16 needs none
+    assert configs["ours int8"].env["VISION_INT8_CALIBRATION_DIR"] == str(tmp_path / "work" / "calibration")
+    assert "VISION_INT8_CALIBRATION_DIR" not in configs["ours bf16"].env
     ours = configs["ours bf16"]
     assert ours.module == "app" and ours.ready_path == "/health/ready"
     assert ours.env["VISION_PRECISION"] == "bf16" and ours.env["VISION_MAX_BATCH_SIZE"] == "16"
@@ -92,6 +108,19 @@ def test_bench_jpegs_come_from_packaged_photos(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1920x1080"):
         images_of_size(images, "1920x1080")
     assert (tmp_path / "inputs.json").exists()
+
+
+def test_calibration_images_are_varied_crops_of_the_photos(tmp_path: Path) -> None:
+    folder = write_calibration(tmp_path / "calibration", count=6)
+    files = sorted(folder.glob("*.jpg"))
+    assert len(files) == 6
+    pixels = set()
+    for path in files:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.size == (500, 375)
+            pixels.add(image.convert("RGB").resize((8, 6)).tobytes())
+    assert len(pixels) == 6  # six different crops, not one picture six times
+    assert write_calibration(folder, count=6) == folder and sorted(folder.glob("*.jpg")) == files
 
 
 def test_written_jpegs_are_reused_without_the_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
