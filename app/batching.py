@@ -14,6 +14,8 @@ One :class:`MicroBatcher` per served model (LitServe's seam: decode -> batch -> 
   keeps decoding and queueing the next requests' images, so the next batch is ready when it returns.
 - The outputs are checked (one per input) and mapped back in order. An exception in ``predict``
   fails that batch's requests with 500 INTERNAL (logged with its traceback); the worker goes on.
+  ``predict`` may answer an :class:`ItemFailure` in one image's place (a JPEG the device could not
+  decode): that image's request gets its error, the rest of the batch its outputs.
 - Out of memory (``torch.OutOfMemoryError``, or a RuntimeError whose message says the allocator
   ran out): the batch is split in halves and each half retried, down to single images; an image
   that still runs out of memory alone fails with 503 OVERLOADED (Retry-After), the others of its
@@ -257,14 +259,14 @@ class MicroBatcher(Generic[InT, OutT]):
         for item, output in zip(batch, outputs, strict=True):
             if item.future.done():
                 continue
-            if isinstance(output, _OutOfMemory):
-                if self._metrics is not None:
-                    self._metrics.rejects.labels("OVERLOADED").inc()
+            if isinstance(output, ItemFailure):
+                if self._metrics is not None and output.reject_reason:
+                    self._metrics.rejects.labels(output.reject_reason).inc()
                 item.future.set_exception(output.error)
             else:
                 item.future.set_result(output)
 
-    def _predict_splitting(self, values: list[InT]) -> list[OutT | _OutOfMemory]:
+    def _predict_splitting(self, values: list[InT]) -> list[OutT | ItemFailure]:
         """``predict(values)``, halving the batch on out-of-memory down to single images; an image
         that alone runs out of memory gets an :class:`_OutOfMemory`. Runs in the inference thread."""
         try:
@@ -304,12 +306,23 @@ class _OutputCountError(RuntimeError):
     """``predict`` broke its contract: not one output per input."""
 
 
-class _OutOfMemory:
+class ItemFailure:
+    """An output that fails its one image (``predict`` may return it in an image's place, e.g. for a
+    file that cannot be decoded); the others of the batch are answered. ``reject_reason`` labels
+    the rejects metric (None: not counted there)."""
+
+    def __init__(self, error: ApiError, reject_reason: str | None = None) -> None:
+        self.error = error
+        self.reject_reason = reject_reason
+
+
+class _OutOfMemory(ItemFailure):
     """The output of an image that ran out of memory even alone: 503 OVERLOADED."""
 
     def __init__(self, model: str) -> None:
-        self.error = ApiError(
-            503, "OVERLOADED", f"model '{model}' ran out of memory on this image; retry later"
+        super().__init__(
+            ApiError(503, "OVERLOADED", f"model '{model}' ran out of memory on this image; retry later"),
+            "OVERLOADED",
         )
 
 

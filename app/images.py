@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -87,6 +88,57 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         return to_rgb(upright)
     except ValueError as exc:
         raise unsupported_media_type(f"image mode {upright.mode} is not supported: {exc}") from None
+
+
+class JpegUpload(NamedTuple):
+    """A JPEG that passed every check that needs no pixels, left for the model's device to decode
+    (``models.Predictor.preprocess_jpegs``): the bytes, the EXIF orientation, the displayed size."""
+
+    data: bytes
+    orientation: int  # EXIF Orientation, 1 (as stored) to 8
+    size: tuple[int, int]  # (width, height) as displayed, orientation applied
+    label: str = ""  # "image N: " in a request of several images, put before an error's message
+
+
+#: JPEG colour modes the device decoders turn into RGB as PIL does (CMYK/YCCK stay on PIL).
+_DEVICE_JPEG_MODES = frozenset({"RGB", "L"})
+
+
+def probe_jpeg(data: bytes, max_pixels: int) -> JpegUpload | None:
+    """The header checks of :func:`decode_image`, without decoding: a :class:`JpegUpload` for a
+    plain RGB or grey JPEG that ends with its EOI marker, else None (then decode with
+    :func:`decode_image`, which also gives the errors for broken files).
+
+    Raises the same ApiError as :func:`decode_image` for empty, unidentifiable, unaccepted or
+    too large images. A truncated JPEG (no EOI) goes to PIL, which refuses it with 400 as always;
+    a JPEG that the device cannot decode after all is decoded again by PIL (app.service).
+    """
+    if not data:
+        raise invalid_image("empty image")
+    if not data.startswith(b"\xff\xd8") or not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        return None  # decode_image gives the right error
+    if image.format != "JPEG" or image.mode not in _DEVICE_JPEG_MODES:
+        return None  # MPO (several frames), CMYK, ...: PIL's path
+    width, height = image.size
+    if width * height > max_pixels:
+        raise image_too_large(width, height, max_pixels)
+    orientation = _orientation(image)
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return JpegUpload(data, orientation, (width, height))
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag, 1 when absent, invalid or unreadable (as exif_transpose does)."""
+    try:
+        value = image.getexif().get(0x0112, 1)
+    except Exception:  # malformed EXIF: shown as stored, like _apply_orientation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:

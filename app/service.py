@@ -19,16 +19,15 @@ from typing import Any
 
 import torch
 
-from app.batching import MicroBatcher
-from app.errors import draining, model_not_found, not_ready, wrong_task
+from app.batching import ItemFailure, MicroBatcher, is_out_of_memory
+from app.errors import ApiError, draining, model_not_found, not_ready, wrong_task
+from app.images import JpegUpload, decode_image
 from app.metrics import Metrics
 from app.models_file import ModelsFile
 from app.settings import Settings
 from models import (
     Classifier,
-    ClassifyOutput,
     Detector,
-    DetectOutput,
     DetectParams,
     ModelConfigError,
     ModelSpec,
@@ -40,10 +39,13 @@ from models import (
 
 log = logging.getLogger(__name__)
 
-#: One classifier input: (image tensor [3, H, W], top_k).
-ClassifyItem = tuple[torch.Tensor, int]
-#: One detector input: (image tensor [3, H, W], displayed (width, height), post-processing params).
-DetectItem = tuple[torch.Tensor, tuple[int, int], DetectParams]
+#: One image's input: its preprocessed tensor [3, H, W] (decoded by PIL in the decode threads), or
+#: the JPEG itself, to be decoded in the batch on the model's device (VISION_JPEG_DECODE).
+ImageInput = torch.Tensor | JpegUpload
+#: One classifier input: (image, top_k).
+ClassifyItem = tuple[ImageInput, int]
+#: One detector input: (image, displayed (width, height), post-processing params).
+DetectItem = tuple[ImageInput, tuple[int, int], DetectParams]
 
 
 @dataclass
@@ -122,24 +124,84 @@ class ServiceState:
 # -- building -----------------------------------------------------------------------------------
 
 
+def batch_inputs(
+    predictor: Predictor, inputs: Sequence[ImageInput]
+) -> tuple[torch.Tensor | None, dict[int, ApiError]]:
+    """The batch [B', 3, H, W] of the images that could be read, and the errors of those that could not.
+
+    Tensors (PIL-decoded) are taken as they are. JPEGs are decoded together on the model's device
+    (``Predictor.preprocess_jpegs``: one nvJPEG call on CUDA, no host sync). When that batch fails
+    (one corrupt file fails it all), each of its JPEGs is decoded again with PIL, so the good ones
+    are answered and a bad one gets the 400 that the CPU path gives. The batch is None when no
+    image could be read. Runs in the model's inference thread.
+    """
+    jpegs = [i for i, value in enumerate(inputs) if isinstance(value, JpegUpload)]
+    if not jpegs:
+        return torch.stack(list(inputs)), {}  # type: ignore[arg-type]  # all tensors: B x [3, H, W]
+    tensors: dict[int, torch.Tensor] = {i: v for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)}
+    errors: dict[int, ApiError] = {}
+    uploads = [inputs[i] for i in jpegs]
+    try:
+        decoded = predictor.preprocess_jpegs([u.data for u in uploads], [u.orientation for u in uploads])  # type: ignore[union-attr]
+        tensors.update(zip(jpegs, decoded, strict=True))
+    except (RuntimeError, ValueError) as exc:
+        if is_out_of_memory(exc):
+            raise  # the batcher splits the batch
+        log.warning(
+            "model %s: decoding %d JPEG(s) on %s failed (%s); decoding them with PIL",
+            predictor.info.name,
+            len(jpegs),
+            predictor.device,
+            str(exc).splitlines()[0] if str(exc) else exc,
+        )
+        for i, upload in zip(jpegs, uploads, strict=True):
+            assert isinstance(upload, JpegUpload)
+            try:
+                tensors[i] = predictor.preprocess(
+                    decode_image(upload.data, max_pixels=upload.size[0] * upload.size[1])
+                )
+            except ApiError as error:
+                error.message = upload.label + error.message
+                errors[i] = error
+    if not tensors:
+        return None, errors
+    device = predictor.device
+    return torch.stack([tensors[i].to(device, non_blocking=True) for i in sorted(tensors)]), errors
+
+
+def _with_failures(outputs: Sequence[Any], errors: dict[int, ApiError], count: int) -> list[Any]:
+    """``outputs`` of the readable images, with an ItemFailure in each unreadable image's place."""
+    readable = iter(outputs)
+    return [ItemFailure(errors[i]) if i in errors else next(readable) for i in range(count)]
+
+
 def batch_predict_fn(predictor: Predictor) -> Callable[[list[Any]], Sequence[Any]]:
-    """The function a model's batcher calls: stack the items' tensors, predict, one output each."""
+    """The function a model's batcher calls: the items' images as one batch (:func:`batch_inputs`),
+    predict, one output each (an ItemFailure for an image that could not be read)."""
     if isinstance(predictor, Classifier):
         classifier = predictor
 
-        def classify(items: list[ClassifyItem]) -> list[ClassifyOutput]:
-            batch = torch.stack([tensor for tensor, _ in items])  # B x [3, H, W] -> [B, 3, H, W]
-            return classifier.predict(batch, top_k=[k for _, k in items])
+        def classify(items: list[ClassifyItem]) -> list[Any]:
+            batch, errors = batch_inputs(classifier, [image for image, _ in items])
+            ks = [k for i, (_, k) in enumerate(items) if i not in errors]
+            outputs = classifier.predict(batch, top_k=ks) if batch is not None else []
+            return _with_failures(outputs, errors, len(items))
 
         return classify
     if isinstance(predictor, Detector):
         detector = predictor
 
-        def detect(items: list[DetectItem]) -> list[DetectOutput]:
-            batch = torch.stack([tensor for tensor, _, _ in items])  # B x [3, H, W] -> [B, 3, H, W]
-            return detector.predict(
-                batch, image_sizes=[size for _, size, _ in items], params=[p for *_, p in items]
+        def detect(items: list[DetectItem]) -> list[Any]:
+            batch, errors = batch_inputs(detector, [image for image, _, _ in items])
+            kept = [item for i, item in enumerate(items) if i not in errors]
+            outputs = (
+                detector.predict(
+                    batch, image_sizes=[size for _, size, _ in kept], params=[p for *_, p in kept]
+                )
+                if batch is not None
+                else []
             )
+            return _with_failures(outputs, errors, len(items))
 
         return detect
     raise TypeError(f"not a Classifier or Detector: {type(predictor).__name__}")
@@ -234,6 +296,18 @@ def load_one(spec: ModelSpec, settings: Settings, metrics: Metrics | None = None
     return predictor
 
 
+@functools.cache
+def blank_jpeg() -> bytes:
+    """A small grey JPEG for warming up the device's JPEG decoder."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 async def warm_up(state: ServiceState) -> None:
     """Run every model's warm-up forwards (each batch size 1..max_batch_size) in its own thread."""
     registry = state.require_registry()
@@ -242,6 +316,11 @@ async def warm_up(state: ServiceState) -> None:
         state.not_ready_reason = f"warming up model {model.name!r} ({index}/{len(registry.models)})"
         start = time.perf_counter()
         await model.batcher.run_in_thread(functools.partial(model.predictor.warmup, sizes))
+        if state.settings.jpeg_on_device:  # the decoder's first call sets it up (nvJPEG handles)
+            jpeg = blank_jpeg()
+            await model.batcher.run_in_thread(
+                functools.partial(model.predictor.preprocess_jpegs, [jpeg] * sizes[-1], [1] * sizes[-1])
+            )
         seconds = time.perf_counter() - start
         model.ready = True
         state.metrics.model_warmup_seconds.labels(model.name).set(seconds)

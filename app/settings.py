@@ -73,6 +73,11 @@ class Settings(BaseSettings):
         le=64,
         description="threads that decode and preprocess images",
     )
+    jpeg_decode: Literal["auto", "device", "cpu"] = Field(
+        default="auto",
+        description="where JPEGs are decoded: device = on the model's device in the batch (nvJPEG on "
+        "CUDA), cpu = PIL in the decode threads; auto = device on CUDA, cpu on the CPU",
+    )
     int8_calibration_dir: Path | None = Field(
         default=None,
         description="images of the served models' own kind, for precision=int8 calibration "
@@ -169,6 +174,13 @@ class Settings(BaseSettings):
                 )
             return "fp32"
         return self.precision
+
+    @property
+    def jpeg_on_device(self) -> bool:
+        """Whether JPEG uploads are decoded in the batch on the model's device (``jpeg_decode``)."""
+        if self.jpeg_decode == "auto":
+            return self.torch_device.startswith("cuda")
+        return self.jpeg_decode == "device"
 
     @property
     def int8(self) -> bool:

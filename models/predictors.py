@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from models.checkpoints import BuiltModel, build_model
 from models.detect import PostprocessConfig, postprocess
 from models.errors import ModelConfigError
-from models.preprocess import ClassifierTransform, SSDTransform
+from models.preprocess import ClassifierTransform, SSDTransform, apply_exif_orientation, decode_jpegs
 from models.ssd import SSDConfig
 from models.types import ClassifyOutput, DetectOutput, DetectParams, ModelInfo, ModelSpec, Precision, Task
 
@@ -84,6 +84,27 @@ class Predictor:
         """RGB PIL image (the caller converts) -> FloatTensor[3, H, W] float32 on the CPU."""
         return self.transform(image)
 
+    def tensor_path_ok(self, width: int, height: int) -> bool:
+        """Whether a (width x height) JPEG may take :meth:`preprocess_jpegs` (see the transforms)."""
+        return self.transform.tensor_path_ok(width, height)
+
+    def preprocess_jpegs(self, encoded: Sequence[bytes], orientations: Sequence[int]) -> Tensor:
+        """JPEG files -> FloatTensor[B, 3, H, W] float32 on this model's device: decoded there in one
+        batch (nvJPEG on CUDA: ``models.preprocess.decode_jpegs``), EXIF ``orientations`` applied, then
+        the same preprocessing as :meth:`preprocess`, on the device. No host synchronisation.
+        Raises RuntimeError / ValueError when a file cannot be decoded."""
+        if len(encoded) != len(orientations) or not encoded:
+            raise ValueError(
+                f"one orientation per JPEG, at least one: {len(encoded)} and {len(orientations)}"
+            )
+        images = decode_jpegs(encoded, self.device)
+        return torch.stack(
+            [
+                self.transform.from_uint8(apply_exif_orientation(image, orientation))
+                for image, orientation in zip(images, orientations, strict=True)
+            ]
+        )
+
     def _forward(self, batch: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         height, width = self._input_size
         if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, height, width) or batch.shape[0] < 1:
@@ -111,8 +132,10 @@ class Predictor:
 
     def __repr__(self) -> str:
         info = self.info
-        return (f"{type(self).__name__}(name={info.name!r}, arch={info.arch!r}, format={info.format!r}, "
-                f"classes={info.num_classes}, device={info.device!r}, dtype={info.dtype!r})")
+        return (
+            f"{type(self).__name__}(name={info.name!r}, arch={info.arch!r}, format={info.format!r}, "
+            f"classes={info.num_classes}, device={info.device!r}, dtype={info.dtype!r})"
+        )
 
 
 class Classifier(Predictor):
@@ -166,8 +189,9 @@ class Detector(Predictor):
         self.class_offset = built.class_offset
 
     @torch.inference_mode()
-    def predict(self, batch: Tensor, image_sizes: Sequence[tuple[int, int]],
-                params: Sequence[DetectParams]) -> list[DetectOutput]:
+    def predict(
+        self, batch: Tensor, image_sizes: Sequence[tuple[int, int]], params: Sequence[DetectParams]
+    ) -> list[DetectOutput]:
         """batch (FloatTensor[B, 3, S, S]) from :meth:`preprocess`; ``image_sizes`` the (width,
         height) of each original image (``PIL.Image.size``); ``params`` one per image.
 
@@ -183,8 +207,16 @@ class Detector(Predictor):
         out = self._forward(batch)
         assert isinstance(out, tuple)
         loc, conf = out
-        outputs = postprocess(loc, conf, self.priors, image_sizes, params, self.postprocess_config,
-                              self.class_offset, self.ssd_config.variances)
+        outputs = postprocess(
+            loc,
+            conf,
+            self.priors,
+            image_sizes,
+            params,
+            self.postprocess_config,
+            self.class_offset,
+            self.ssd_config.variances,
+        )
         assert len(outputs) == batch.shape[0]
         return outputs
 
@@ -205,8 +237,9 @@ def _defaults(spec: ModelSpec, built: BuiltModel) -> dict[str, float | int | Non
     return defaults
 
 
-def load_model(spec: ModelSpec, device: str | torch.device = "cpu",
-               precision: Precision = "fp32") -> Classifier | Detector:
+def load_model(
+    spec: ModelSpec, device: str | torch.device = "cpu", precision: Precision = "fp32"
+) -> Classifier | Detector:
     """Build the model ``spec`` describes, load its weights and move it to ``device`` in ``precision``.
 
     Raises ModelConfigError (unknown device / precision / arch / format, wrong labels count) or

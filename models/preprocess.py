@@ -10,9 +10,18 @@ Two transforms, each PIL RGB image -> FloatTensor[3, H, W] on the CPU:
   without antialias, minus the per-channel pixel mean; no division by 255.
 
 Callers convert to RGB first (``image.convert("RGB")``): the book breaks on "L" and "RGBA" images.
+
+The same two transforms also run on decoded uint8 tensors on any device (``from_uint8``), for JPEGs
+decoded where the model runs (:func:`decode_jpegs`: nvJPEG on a GPU, batched; libjpeg-turbo on the
+CPU), with the EXIF orientation applied on the tensor (:func:`apply_exif_orientation`). On the CPU
+this path reproduces the PIL path exactly for SSD and within one grey level (antialiased tensor
+resize vs PIL's bilinear) for the classifier; nvJPEG's IDCT differs from libjpeg-turbo's by a
+grey level or two.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,6 +29,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
 #: ImageNet channel mean and std in RGB order, for inputs scaled to [0, 1]: torchvision's
@@ -81,6 +91,23 @@ class ClassifierTransform:
         x: Tensor = TF.pil_to_tensor(image).to(torch.float32).div_(255.0)  # uint8 (3, crop, crop) -> [0, 1]
         return x.sub_(self._mean).div_(self._std)
 
+    def tensor_path_ok(self, width: int, height: int) -> bool:
+        """Whether :meth:`from_uint8` takes a (width x height) image: not the extreme strips that the
+        PIL path resizes crop-first (those stay on the PIL path)."""
+        long_side = int(self.resize * max(width, height) / max(1, min(width, height)))
+        return long_side <= ELONGATED_FACTOR * max(self.resize, self.crop)
+
+    def from_uint8(self, image: Tensor) -> Tensor:
+        """uint8 (3, H, W) RGB on any device -> FloatTensor[3, crop, crop] on that device: the same
+        steps as ``__call__`` with torchvision's antialiased bilinear tensor resize (uint8 in, uint8
+        out, like PIL's), within one grey level of the PIL path."""
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 tensor (3, H, W), got {image.dtype} {list(image.shape)}")
+        resized = TF.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        cropped = TF.center_crop(resized, [self.crop])
+        mean, std = self._mean.to(image.device), self._std.to(image.device)
+        return cropped.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
     def _resize_cropping_long_side(self, image: Image.Image, long_side: int) -> Image.Image:
         """Resize only the part of the long side that the centre crop keeps.
 
@@ -137,5 +164,60 @@ class SSDTransform:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
         return (x - self._mean)[0].contiguous()
 
+    def tensor_path_ok(self, width: int, height: int) -> bool:
+        """Every size takes the tensor path: the resize goes straight to ``size`` x ``size``."""
+        return True
+
+    def from_uint8(self, image: Tensor) -> Tensor:
+        """uint8 (3, H, W) RGB on any device -> FloatTensor[3, size, size] on that device: exactly
+        ``__call__``'s steps on the tensor."""
+        if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 tensor (3, H, W), got {image.dtype} {list(image.shape)}")
+        x = image.to(torch.float32).unsqueeze(0)  # (3, H, W) -> (1, 3, H, W), 0-255
+        size = (self.size, self.size)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
+        return (x - self._mean.to(image.device))[0].contiguous()
+
     def __repr__(self) -> str:
         return f"SSDTransform(size={self.size})"
+
+
+def apply_exif_orientation(image: Tensor, orientation: int) -> Tensor:
+    """(C, H, W) as stored -> as displayed, for EXIF Orientation 1-8, the tensor twin of
+    ``PIL.ImageOps.exif_transpose``. Other values leave the image as stored (as PIL does)."""
+    if orientation == 2:  # mirrored left-right
+        return image.flip(-1)
+    if orientation == 3:  # rotated 180
+        return image.flip(-2, -1)
+    if orientation == 4:  # mirrored top-bottom
+        return image.flip(-2)
+    if orientation == 5:  # transposed (x <-> y)
+        return image.transpose(-2, -1)
+    if orientation == 6:  # stored 90 degrees anticlockwise: turn it clockwise
+        return torch.rot90(image, k=-1, dims=(-2, -1))
+    if orientation == 7:  # transversed
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:  # stored 90 degrees clockwise: turn it anticlockwise
+        return torch.rot90(image, k=1, dims=(-2, -1))
+    return image
+
+
+def decode_jpegs(encoded: Sequence[bytes], device: torch.device | str) -> list[Tensor]:
+    """JPEG files -> uint8 RGB tensors (3, H, W) on ``device``, as stored (no EXIF orientation).
+
+    On CUDA all of them go to nvJPEG in one batched call (``torchvision.io.decode_jpeg`` with a
+    list); on the CPU torchvision's libjpeg-turbo decodes them. Grey JPEGs come back as RGB.
+    Raises RuntimeError (or ValueError) when any of them cannot be decoded: the caller decides
+    what to do with the batch (the service decodes those images again with PIL, one by one).
+    """
+    if not encoded:
+        return []
+    data = [torch.frombuffer(bytearray(item), dtype=torch.uint8) for item in encoded]
+    target = torch.device(device)
+    if target.type == "cuda":
+        # torchvision's CUDA decoder writes its outputs from a stream of its own without waiting for
+        # the caller's (pytorch/vision PR 9606): memory freed by kernels still queued could be
+        # overwritten. Waiting here for the caller's stream (idle between batches) rules that out.
+        torch.cuda.current_stream(target).synchronize()
+    decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=target)
+    return list(decoded)

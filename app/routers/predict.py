@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.deps import DeadlineDep, RegistryDep, StateDep
 from app.errors import ApiError, deadline_exceeded, validation_error
-from app.images import decode_image
+from app.images import JpegUpload, decode_image, probe_jpeg
 from app.schemas import ERROR_RESPONSES, IMAGE_REQUEST_BODY, ClassifyResponse, DetectResponse
 from app.service import ServedModel, ServiceState
 from app.uploads import read_uploads
@@ -203,7 +203,7 @@ def _default(served: ServedModel, key: str, fallback: Any) -> Any:
 
 
 class _Decoded(NamedTuple):
-    tensor: torch.Tensor  # the model's input
+    tensor: torch.Tensor | JpegUpload  # the model's input, or a JPEG its device decodes in the batch
     size: tuple[int, int]  # (width, height) as displayed
     image: Image.Image | None  # the decoded RGB image, when kept
 
@@ -221,13 +221,19 @@ async def _decode_each(
     """:func:`_decode_all`, optionally keeping each decoded image."""
     loop = asyncio.get_running_loop()
     max_pixels = state.settings.max_image_pixels
-    preprocess = served.predictor.preprocess
+    predictor = served.predictor
+    on_device = state.settings.jpeg_on_device and not keep_images
 
-    def work(data: bytes) -> _Decoded:
+    def work(index: int, data: bytes) -> _Decoded:
+        if on_device:  # header checks only; the JPEG is decoded in the batch, on the model's device
+            probe = probe_jpeg(data, max_pixels)
+            if probe is not None and predictor.tensor_path_ok(*probe.size):
+                label = f"image {index}: " if len(uploads) > 1 else ""
+                return _Decoded(probe._replace(label=label), probe.size, None)
         image = decode_image(data, max_pixels)
-        return _Decoded(preprocess(image), image.size, image if keep_images else None)
+        return _Decoded(predictor.preprocess(image), image.size, image if keep_images else None)
 
-    jobs = [loop.run_in_executor(state.decode_pool, work, data) for data in uploads]
+    jobs = [loop.run_in_executor(state.decode_pool, work, i, data) for i, data in enumerate(uploads)]
     done = await asyncio.gather(*jobs, return_exceptions=True)
     for index, item in enumerate(done):
         if isinstance(item, ApiError):

@@ -69,3 +69,30 @@ async def test_auto_precision_on_cuda(tiny_entries: ModelsFile) -> None:
         assert response.status_code == 200
         assert sum(p["score"] for p in response.json()["results"][0]["predictions"]) <= 1.0 + 1e-6
         assert (await gpu.post("/v1/detect", files={"file": ("a.jpg", jpeg())})).json()["model"] == DETECTOR
+
+
+async def test_jpegs_decoded_on_the_gpu_answer_like_the_cpu(
+    client: httpx.AsyncClient, cuda_predictors: list[Predictor]
+) -> None:
+    """VISION_JPEG_DECODE=auto is nvJPEG on CUDA: same top-1 and near-equal scores as PIL on the CPU,
+    EXIF orientation applied, and a corrupt JPEG fails alone with 400."""
+    async with serve(cuda_predictors, max_batch_size=4, max_delay_ms=100) as gpu:
+        orientations = (None, 6, 3)
+        files = [
+            ("file", (f"{i}.jpg", jpeg(200, 150, seed=i, orientation=o))) for i, o in enumerate(orientations)
+        ]
+        on_gpu = (await gpu.post("/v1/classify", files=files)).json()["results"]
+        on_cpu = (await client.post("/v1/classify", files=files)).json()["results"]
+        for g, c in zip(on_gpu, on_cpu, strict=True):
+            assert g["image"] == c["image"]
+            assert g["predictions"][0]["class_id"] == c["predictions"][0]["class_id"]
+            assert [p["score"] for p in g["predictions"]] == pytest.approx(
+                [p["score"] for p in c["predictions"]], abs=0.02
+            )
+        good = jpeg(64, 48, seed=9)
+        bad = bytearray(good)
+        bad[good.index(b"\xff\xda") + 5] = 0x09  # a scan naming a component that does not exist
+        two = [("file", ("ok.jpg", good)), ("file", ("x.jpg", bytes(bad)))]
+        answer = await gpu.post("/v1/classify", files=two)
+        assert answer.status_code == 400 and answer.json()["error"].startswith("image 1: ")
+        assert (await gpu.post("/v1/classify", files={"file": ("ok.jpg", good)})).status_code == 200
