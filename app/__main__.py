@@ -6,7 +6,9 @@ Before anything else it re-executes itself with glibc's malloc tuned (``app/allo
 The warm-up runs once the socket is up (``/health/live`` answers during it); a warm-up failure
 stops the server with exit 1. SIGTERM drains (``app/drain.py``): readiness and new work 503 for
 ``VISION_DRAIN_DELAY_S``, then uvicorn's graceful shutdown of up to ``VISION_DRAIN_GRACE_S``; a
-SIGTERM while the models still load exits at once (143).
+SIGTERM while the models still load exits at once (143). With ``VISION_WORKERS`` > 1 this process
+binds the port and supervises that many copies of itself, each serving on the same socket
+(``app/workers.py``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Serve VGG16 / SSD models over HTTP.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    parser.add_argument("--socket-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's
     args = parser.parse_args(argv)
 
     try:
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         names = ", ".join(f"{spec.name} ({spec.weights})" for spec in missing)
         hint = _how_to_get_weights(settings.models_file)
         return fail(f"{settings.models_file}: checkpoint file(s) not found: {names}{hint}")
+    if settings.workers > 1 and args.socket_fd is None:  # the supervisor: it binds, the workers load
+        from app.workers import serve_workers
+
+        return serve_workers(args.host, args.port, settings.workers)
     metrics = Metrics()
     log.info(
         "loading %d model(s) from %s on %s (%s)",
@@ -114,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         log_config=None,
         access_log=False,
         lifespan="on",
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=settings.drain_grace_s,  # type: ignore[arg-type]  # a float works
     )
 
@@ -123,7 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             service.draining = True
 
     server = DrainingServer(config, drain_delay_s=settings.drain_delay_s, on_drain=on_drain)
-    server.run()
+    if args.socket_fd is not None:  # a worker of app/workers.py: serve on the supervisor's socket
+        import socket
+
+        server.run(sockets=[socket.socket(fileno=args.socket_fd)])
+    else:
+        server.run()
     if fatal:
         return fail(f"warm-up failed: {fatal[0]}")
     return 0

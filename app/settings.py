@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         le=64,
         description="threads that decode and preprocess images",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="serving processes sharing the port, each with its own copy of the models "
+        "(app/workers.py); more than one lets one GPU be fed by several cores",
+    )
     jpeg_decode: Literal["auto", "device", "cpu"] = Field(
         default="auto",
         description="where JPEGs are decoded: device = on the model's device in the batch (nvJPEG on "
@@ -105,6 +112,14 @@ class Settings(BaseSettings):
         gt=0,
         le=3600,
         description="graceful shutdown: seconds in-flight requests get to finish before they are cut",
+    )
+    keep_alive_s: float = Field(
+        default=75.0,
+        gt=0,
+        le=3600,
+        description="idle keep-alive connections are closed after this many seconds; longer than the "
+        "load balancer's idle timeout (60 s for nginx and most cloud balancers), so that the balancer "
+        "closes first and never sends a request on a connection the server is closing",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(default=False, description="one JSON object per log line")

@@ -1,0 +1,156 @@
+"""``VISION_WORKERS=2``: a supervisor and two serving processes on one port, as real processes.
+
+Both workers answer; a worker killed by a signal is started again while the other keeps serving;
+SIGTERM to the supervisor drains and ends every worker; a worker that cannot load its models stops
+the whole start with its message and status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.workers import worker_environ
+from tests.app.harness import CLASSIFIER
+from tests.app.helpers import jpeg
+from tests.app.test_server_process import REPO, clean_env, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid: int) -> set[int]:
+    """Live child processes of ``pid`` (from /proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": [0] state, [1] ppid
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+def wait_until(condition: object, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def ready_everywhere(base_url: str, times: int = 8) -> bool:
+    """/health/ready answers 200 on ``times`` fresh connections in a row (any worker may take one)."""
+    try:
+        return all(httpx.get(f"{base_url}/health/ready", timeout=2).status_code == 200 for _ in range(times))
+    except httpx.TransportError:
+        return False
+
+
+class Workers:
+    def __init__(self, process: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
+        self.process, self.base_url, self.log = process, base_url, log
+
+
+@pytest.fixture
+def workers(tiny_models_file: Path, tmp_path: Path) -> Iterator[Workers]:
+    port = free_port()
+    log = tmp_path / "workers.log"
+    env = clean_env(
+        VISION_MODELS_FILE=str(tiny_models_file),
+        VISION_DEVICE="cpu",
+        VISION_WORKERS="2",
+        VISION_MAX_BATCH_SIZE="1",
+        VISION_DRAIN_DELAY_S="0.5",
+        VISION_DRAIN_GRACE_S="5",
+    )
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    server = Workers(process, f"http://127.0.0.1:{port}", log)
+    try:
+        wait_until(lambda: process.poll() is not None or ready_everywhere(server.base_url), 240, "ready", log)
+        assert process.poll() is None, log.read_text()
+        yield server
+    finally:
+        pids = children(process.pid)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def classify_many(base_url: str, count: int) -> list[int]:
+    statuses = []
+    for i in range(count):  # a fresh connection each: the kernel spreads them over the workers
+        files = {"file": (f"{i}.jpg", jpeg(seed=i))}
+        url = f"{base_url}/v1/classify"
+        response = httpx.post(url, params={"model": CLASSIFIER}, files=files, timeout=30)
+        statuses.append(response.status_code)
+    return statuses
+
+
+def test_two_workers_serve_restart_and_drain(workers: Workers) -> None:
+    first = children(workers.process.pid)
+    assert len(first) == 2, workers.log.read_text()
+    for pid in first:  # each worker got its share of the cores and the no-recursion setting
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert b"VISION_WORKERS=1" in environ
+        assert any(item.startswith(b"VISION_TORCH_THREADS=") for item in environ)
+    assert classify_many(workers.base_url, 12) == [200] * 12
+
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)  # as the kernel's OOM killer would
+    assert classify_many(workers.base_url, 6) == [200] * 6  # the other worker serves meanwhile
+    wait_until(lambda: len(children(workers.process.pid) - {victim}) == 2, 60, "a new worker", workers.log)
+    wait_until(lambda: ready_everywhere(workers.base_url), 120, "the new worker ready", workers.log)
+    assert classify_many(workers.base_url, 6) == [200] * 6
+    assert "starting it again" in workers.log.read_text()
+
+    now = children(workers.process.pid)
+    workers.process.send_signal(signal.SIGTERM)
+    code = workers.process.wait(timeout=30)  # drain delay 0.5 s + grace 5 s, per worker in parallel
+    assert code == -signal.SIGTERM, workers.log.read_text()  # as a single process leaves
+    for pid in now:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_worker_that_cannot_load_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint at all")
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[[models]]\nname = "bad"\ntask = "classify"\narch = "vgg16"\nformat = "torchvision"\n'
+        'weights = "bad.pth"\n'
+    )
+    env = clean_env(VISION_MODELS_FILE=str(models), VISION_DEVICE="cpu", VISION_WORKERS="2")
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "--port", str(free_port())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "bad.pth" in result.stderr and "stopping the other workers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_environment_splits_the_cores() -> None:
+    env = worker_environ({"PATH": "/bin"}, workers=4, slot=3)
+    assert env["VISION_WORKERS"] == "1" and env["VISION_WORKER_SLOT"] == "3"
+    assert env["VISION_TORCH_THREADS"] == str(max(1, (os.cpu_count() or 1) // 4))
+    assert worker_environ({"VISION_TORCH_THREADS": "7"}, 4, 0)["VISION_TORCH_THREADS"] == "7"
