@@ -157,6 +157,29 @@ def test_declared_oversize_body_is_refused_without_sending_it(server: Server) ->
     assert "PAYLOAD_TOO_LARGE" in answer_text
 
 
+def test_idle_keep_alive_connection_outlives_uvicorns_five_seconds(server: Server) -> None:
+    """VISION_KEEP_ALIVE_S (75 s) above a balancer's idle timeout: a connection idle for 6 s is
+    still open, so a request sent on it is answered (uvicorn's default of 5 s would have closed it
+    and the request would fail as the balancer sends it)."""
+    import http.client
+
+    host, port = server.base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/health/live")
+        first = connection.getresponse()
+        assert first.status == 200 and first.getheader("connection", "keep-alive") != "close"
+        first.read()
+        local = connection.sock.getsockname()
+        time.sleep(6)
+        connection.request("GET", "/health/live")  # http.client reconnects silently if it was closed
+        second = connection.getresponse()
+        second.read()
+        assert second.status == 200 and connection.sock.getsockname() == local  # the same connection
+    finally:
+        connection.close()
+
+
 def test_sigterm_stops_cleanly_and_the_log_has_one_line_per_request(server: Server) -> None:
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
         client.post(
