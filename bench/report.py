@@ -142,8 +142,9 @@ def summarize_model(
     ours_by_precision: dict[str, float] = {}
     for server in ours.values():
         level = best_level(primary_levels(server, base_size))
-        if level is not None:
-            ours_by_precision[str(server.get("precision"))] = level["images_per_s"]
+        if level is not None:  # the best configuration (e.g. of several worker counts) per precision
+            key = str(server.get("precision"))
+            ours_by_precision[key] = max(ours_by_precision.get(key, 0.0), level["images_per_s"])
     peers: dict[str, Any] = {}
     for label, server in servers.items():
         if server.get("kind") == "ours":

@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ours", type=_csv, default=None, help="our service's precisions (cpu: int8,bf16; cuda: fp16)"
     )
     p.add_argument("--ours-env", action="append", default=[], help="KEY=VALUE for our service (repeatable)")
+    p.add_argument(
+        "--ours-workers",
+        type=lambda s: [int(x) for x in _csv(s)],
+        default=[1],
+        help="VISION_WORKERS values to run ours with, e.g. 1,4 (one configuration each; default 1)",
+    )
     p.add_argument("--max-batch-size", type=int, default=None, help="VISION_MAX_BATCH_SIZE and LitServe's")
     p.add_argument("--peers", type=_csv, default=None, help="fastapi,litserve or none (cuda: none)")
     p.add_argument("--peer-precisions", type=_csv, default=None, help="default: fp32 and ours' first")
@@ -282,10 +288,15 @@ class Bench:
         headers = [("X-Request-Timeout-Ms", str(int(a.deadline_ms)))] if a.deadline_ms else []
         configs = []
         for p in a.ours:
-            env = dict(extra)
-            if p == "int8":  # calibrated at start on bench.inputs' calibration images
-                env.setdefault("VISION_INT8_CALIBRATION_DIR", str(a.work_dir / "calibration"))
-            configs.append(ours_config(f"ours {p}", a.work_dir, model, p, a.device, env, headers))
+            for workers in a.ours_workers:
+                env = dict(extra)
+                if p == "int8":  # calibrated at start on bench.inputs' calibration images
+                    env.setdefault("VISION_INT8_CALIBRATION_DIR", str(a.work_dir / "calibration"))
+                label = f"ours {p}"
+                if workers > 1:  # app/workers.py: that many serving processes on the port
+                    env["VISION_WORKERS"] = str(workers)
+                    label += f" x{workers} workers"
+                configs.append(ours_config(label, a.work_dir, model, p, a.device, env, headers))
         for kind in a.peers:
             for precision in a.peer_precisions:
                 careful = precision != "fp32" and a.allocator == "careful"

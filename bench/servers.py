@@ -114,9 +114,10 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def wait_ready(self, timeout_s: float) -> float:
-        """Poll the ready path until 200; seconds since start. RuntimeError if the process exits
-        or ``timeout_s`` passes first (with the end of its log)."""
+    def wait_ready(self, timeout_s: float, in_a_row: int = 8) -> float:
+        """Poll the ready path until it answers 200 ``in_a_row`` times running (each a new
+        connection: with several workers on the port, each may answer); seconds since start.
+        RuntimeError if the process exits or ``timeout_s`` passes first (with the end of its log)."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -124,7 +125,7 @@ class ServerProcess:
                 raise RuntimeError(
                     f"{self.config.label} exited with {self.proc.returncode} before ready:\n{self.log_tail()}"
                 )
-            if http_get_status(self.port, self.config.ready_path) == 200:
+            if all(http_get_status(self.port, self.config.ready_path) == 200 for _ in range(in_a_row)):
                 return time.monotonic() - self.started_at
             time.sleep(0.25)
         raise RuntimeError(f"{self.config.label} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")

@@ -68,6 +68,13 @@ def test_server_configurations(tmp_path: Path) -> None:
     ]
     # int8 is calibrated at start on the bench's own calibration images; bf16 needs none
     assert configs["ours int8"].env["VISION_INT8_CALIBRATION_DIR"] == str(tmp_path / "work" / "calibration")
+    assert "VISION_WORKERS" not in configs["ours int8"].env
+    several = Bench(
+        args_for("--out", str(tmp_path), "--ours", "fp16", "--ours-workers", "1,4", "--peers", "none")
+    )
+    by_label = {c.label: c for c in several.server_configs("vgg16")}
+    assert list(by_label) == ["ours fp16", "ours fp16 x4 workers"]
+    assert by_label["ours fp16 x4 workers"].env["VISION_WORKERS"] == "4"
     assert "VISION_INT8_CALIBRATION_DIR" not in configs["ours bf16"].env
     ours = configs["ours bf16"]
     assert ours.module == "app" and ours.ready_path == "/health/ready"
