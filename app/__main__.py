@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     parser.add_argument("--socket-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's
+    parser.add_argument("--warm-first", action="store_true", help=argparse.SUPPRESS)  # a restarted worker
     args = parser.parse_args(argv)
 
     try:
@@ -113,7 +114,24 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, predictors, defaults=models_file.defaults, metrics=metrics, on_fatal=on_fatal)
+    if args.warm_first:  # a restarted worker: warm up before taking connections from the shared socket
+        from app.service import warm_predictor
+
+        started = time.perf_counter()
+        try:
+            for predictor in predictors:
+                warm_predictor(predictor, settings)
+        except Exception as exc:
+            return fail(f"warm-up failed: {exc}")
+        log.info("models warmed up before serving in %.1f s", time.perf_counter() - started)
+    app = create_app(
+        settings,
+        predictors,
+        defaults=models_file.defaults,
+        metrics=metrics,
+        on_fatal=on_fatal,
+        warmed=args.warm_first,
+    )
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -53,6 +53,7 @@ def create_app(
     defaults: Mapping[str, str] | None = None,
     metrics: Metrics | None = None,
     on_fatal: Callable[[BaseException], None] | None = None,
+    warmed: bool = False,
 ) -> FastAPI:
     """Build the service.
 
@@ -62,6 +63,8 @@ def create_app(
     metrics: a Metrics to record into (``python -m app`` passes the one holding the load times).
     on_fatal: called when loading or warm-up fails (``python -m app`` stops the server with it);
         the app itself keeps answering ``/health/ready`` 503 with the reason.
+    warmed: the predictors already ran their warm-up (``app.service.warm_predictor``) before the
+        app was built; they are ready as soon as the batchers start.
     """
     metrics = metrics or Metrics()
 
@@ -73,7 +76,7 @@ def create_app(
             decode_pool=ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode"),
         )
         app.state.service = state
-        task = asyncio.get_running_loop().create_task(_start(state, predictors, defaults, on_fatal))
+        task = asyncio.get_running_loop().create_task(_start(state, predictors, defaults, on_fatal, warmed))
         state.background.append(task)
         try:
             yield
@@ -117,6 +120,7 @@ async def _start(
     predictors: Sequence[Predictor] | None,
     defaults: Mapping[str, str] | None,
     on_fatal: Callable[[BaseException], None] | None,
+    warmed: bool = False,
 ) -> None:
     """Load (when needed), start the batchers, warm up; a failure leaves the reason in readiness."""
     settings = state.settings
@@ -130,7 +134,7 @@ async def _start(
         for model in registry.models.values():
             model.batcher.start()
         state.registry = registry
-        await warm_up(state)
+        await warm_up(state, already_warm=warmed and predictors is not None)
     except asyncio.CancelledError:
         raise
     except Exception as exc:

@@ -308,19 +308,26 @@ def blank_jpeg() -> bytes:
     return buffer.getvalue()
 
 
-async def warm_up(state: ServiceState) -> None:
-    """Run every model's warm-up forwards (each batch size 1..max_batch_size) in its own thread."""
+def warm_predictor(predictor: Predictor, settings: Settings) -> None:
+    """One forward (and post-processing) per batch size 1..max_batch_size, and one call of the
+    device's JPEG decoder when it is used (its first call sets it up: nvJPEG handles). Blocking."""
+    sizes = list(range(1, settings.max_batch_size + 1))
+    predictor.warmup(sizes)
+    if settings.jpeg_on_device:
+        predictor.preprocess_jpegs([blank_jpeg()] * sizes[-1], [1] * sizes[-1])
+
+
+async def warm_up(state: ServiceState, *, already_warm: bool = False) -> None:
+    """Run every model's warm-up (:func:`warm_predictor`) in its own inference thread, then mark it
+    ready; ``already_warm``: the caller warmed the models before serving, just mark them."""
     registry = state.require_registry()
     sizes = list(range(1, state.settings.max_batch_size + 1))
     for index, model in enumerate(registry.models.values(), start=1):
         state.not_ready_reason = f"warming up model {model.name!r} ({index}/{len(registry.models)})"
         start = time.perf_counter()
-        await model.batcher.run_in_thread(functools.partial(model.predictor.warmup, sizes))
-        if state.settings.jpeg_on_device:  # the decoder's first call sets it up (nvJPEG handles)
-            jpeg = blank_jpeg()
-            await model.batcher.run_in_thread(
-                functools.partial(model.predictor.preprocess_jpegs, [jpeg] * sizes[-1], [1] * sizes[-1])
-            )
+        if not already_warm:
+            warm = functools.partial(warm_predictor, model.predictor, state.settings)
+            await model.batcher.run_in_thread(warm)
         seconds = time.perf_counter() - start
         model.ready = True
         state.metrics.model_warmup_seconds.labels(model.name).set(seconds)

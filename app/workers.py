@@ -19,6 +19,10 @@ The supervisor (this module) imports no torch and serves nothing. It:
   models file or checkpoint it cannot load, a failed warm-up, bad settings: every worker would fail
   the same way; its message is on stderr, which the workers share).
 
+At the first start every worker serves while it warms up (readiness 503 meanwhile, as a single
+process). A restarted worker warms up before it serves (``--warm-first``), so it never answers
+``503 NOT_READY`` while the others are ready.
+
 Not shared between workers: the batch queue (``VISION_MAX_QUEUE_IMAGES`` is per worker) and the
 metrics (``/metrics`` shows the worker that answered; scrape each replica's workers with their
 ``worker`` label in the logs, or run one worker per replica where per-process series matter).
@@ -94,10 +98,14 @@ class Supervisor:
     stop_signal: int | None = None
     deaths: deque[float] = field(default_factory=deque)
 
-    def spawn(self, slot: int) -> None:
+    def spawn(self, slot: int, *, restart: bool = False) -> None:
+        """Start worker ``slot``. A restarted one warms up before it takes connections (the others
+        serve meanwhile); at the first start all warm up while serving, answering readiness 503."""
         fd = self.sock.fileno()
         argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port),
                 "--socket-fd", str(fd), *self.argv_extra]  # fmt: skip
+        if restart:
+            argv.append("--warm-first")
         env = worker_environ(dict(os.environ), self.count, slot)
         process = subprocess.Popen(argv, pass_fds=(fd,), env=env)
         self.workers[slot] = process
@@ -147,7 +155,7 @@ class Supervisor:
                     self.on_signal(signal.SIGTERM, None)
                     continue
                 log.warning("worker %d ended (%s); starting it again", slot, reason)
-                self.spawn(slot)
+                self.spawn(slot, restart=True)
         self.sock.close()
         if status == 0 and self.stop_signal is not None:
             signal.signal(self.stop_signal, signal.SIG_DFL)  # leave as a single process would
