@@ -73,6 +73,7 @@ class ClassifierTransform:
         self.crop = crop
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor]] = {}  # (mean, std) per device
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -105,7 +106,9 @@ class ClassifierTransform:
             raise ValueError(f"expected a uint8 tensor (3, H, W), got {image.dtype} {list(image.shape)}")
         resized = TF.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
         cropped = TF.center_crop(resized, [self.crop])
-        mean, std = self._mean.to(image.device), self._std.to(image.device)
+        if image.device not in self._on_device:  # copied once per device, not once per image
+            self._on_device[image.device] = (self._mean.to(image.device), self._std.to(image.device))
+        mean, std = self._on_device[image.device]
         return cropped.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
     def _resize_cropping_long_side(self, image: Image.Image, long_side: int) -> Image.Image:
@@ -150,6 +153,7 @@ class SSDTransform:
             raise ValueError(f"size must be positive, got {size}")
         self.size = size
         self._mean = torch.tensor(SSD_PIXEL_MEAN_RGB).view(1, 3, 1, 1)
+        self._on_device: dict[torch.device, Tensor] = {}  # the mean per device
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -176,7 +180,9 @@ class SSDTransform:
         x = image.to(torch.float32).unsqueeze(0)  # (3, H, W) -> (1, 3, H, W), 0-255
         size = (self.size, self.size)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
-        return (x - self._mean.to(image.device))[0].contiguous()
+        if image.device not in self._on_device:  # copied once per device, not once per image
+            self._on_device[image.device] = self._mean.to(image.device)
+        return (x - self._on_device[image.device])[0].contiguous()
 
     def __repr__(self) -> str:
         return f"SSDTransform(size={self.size})"
