@@ -93,7 +93,6 @@ class Supervisor:
     count: int
     host: str
     port: int
-    argv_extra: list[str] = field(default_factory=list)
     workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     stop_signal: int | None = None
     deaths: deque[float] = field(default_factory=deque)
@@ -103,7 +102,7 @@ class Supervisor:
         serve meanwhile); at the first start all warm up while serving, answering readiness 503."""
         fd = self.sock.fileno()
         argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port),
-                "--socket-fd", str(fd), *self.argv_extra]  # fmt: skip
+                "--socket-fd", str(fd)]  # fmt: skip
         if restart:
             argv.append("--warm-first")
         env = worker_environ(dict(os.environ), self.count, slot)

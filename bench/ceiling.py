@@ -19,7 +19,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -219,10 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(),
         "results": results,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     return 0
+
+
+def write_json(path: Path | None, doc: Mapping[str, Any]) -> None:
+    """Write a stage's result document to ``path`` (the ``--json`` option), if given."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ model's optimal number of requests. Like :mod:`bench.ceiling`, nothing but the n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.ceiling import load_network, machine_info
+from bench.ceiling import load_network, machine_info, write_json
 
 #: our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values
 OV_PRECISIONS = {"bf16": "bf16", "fp32": "f32", "fp16": "f16"}
@@ -123,9 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(),
         "results": results,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2))
+    write_json(args.json, doc)
     return 0
 
 

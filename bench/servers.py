@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,17 +67,23 @@ def http_get_status(port: int, path: str, timeout_s: float = 2.0) -> int | None:
         conn.close()
 
 
-def session_cpu_seconds(session_id: int) -> float:
-    """User + system CPU seconds of the live processes in session ``session_id`` (from /proc)."""
-    total = 0
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, stat fields after "pid (comm) ") of every process in /proc: ``[0]`` is field 3 (state),
+    ``[1]`` the parent pid, ``[3]`` the session, ``[11]``/``[12]`` utime/stime (proc(5))."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
+        except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": field 3 (state) is [0]
+        yield int(entry), stat[stat.rfind(")") + 2 :].split()
+
+
+def session_cpu_seconds(session_id: int) -> float:
+    """User + system CPU seconds of the live processes in session ``session_id`` (from /proc)."""
+    total = 0
+    for _, fields in proc_stats():
         if int(fields[3]) == session_id:  # field 6: session
             total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
     return total / _CLK_TCK

@@ -210,8 +210,9 @@ class _Decoded(NamedTuple):
 
 async def _decode_all(
     state: ServiceState, served: ServedModel, uploads: list[bytes]
-) -> list[tuple[torch.Tensor, tuple[int, int]]]:
-    """Decode + preprocess every upload in the decode threads; the first failure (by index) is raised."""
+) -> list[tuple[torch.Tensor | JpegUpload, tuple[int, int]]]:
+    """Decode + preprocess every upload in the decode threads (or, with VISION_JPEG_DECODE on the
+    device, read JPEG headers only); the first failure (by index) is raised."""
     return [(d.tensor, d.size) for d in await _decode_each(state, served, uploads, keep_images=False)]
 
 

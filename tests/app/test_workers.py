@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from app.workers import worker_environ
+from bench.servers import proc_stats
 from tests.app.harness import CLASSIFIER
 from tests.app.helpers import jpeg
 from tests.app.test_server_process import REPO, clean_env, free_port
@@ -28,19 +29,8 @@ pytestmark = pytest.mark.slow
 
 
 def children(pid: int) -> set[int]:
-    """Live child processes of ``pid`` (from /proc)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": [0] state, [1] ppid
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(entry))
-    return found
+    """Live (not zombie) child processes of ``pid``."""
+    return {child for child, fields in proc_stats() if int(fields[1]) == pid and fields[0] != "Z"}
 
 
 def wait_until(condition: object, timeout: float, what: str, log: Path) -> None:
