@@ -1,4 +1,8 @@
-"""Typed dependencies of the routers (``Annotated[..., Depends(...)]``)."""
+"""Typed dependencies of the routers (``Annotated[..., Depends(...)]``).
+
+All ``async def``: none of them blocks, and FastAPI runs a plain ``def`` dependency in its thread
+pool, a thread hop per dependency per request that cost the event loop measurable CPU under load.
+"""
 
 from __future__ import annotations
 
@@ -13,27 +17,27 @@ from app.service import ModelRegistry, ServiceState
 from app.settings import Settings
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     return state
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
-def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> ModelRegistry:
+async def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> ModelRegistry:
     """The loaded models; 503 NOT_READY while they are still loading."""
     return state.require_registry()
 
 
-def get_deadline(
+async def get_deadline(
     request: Request,
     settings: Annotated[Settings, Depends(get_settings)],
     timeout_ms: Annotated[
