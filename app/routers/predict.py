@@ -225,17 +225,36 @@ async def _decode_each(
     predictor = served.predictor
     on_device = state.settings.jpeg_on_device and not keep_images
 
+    def probe(index: int, data: bytes) -> _Decoded | None:
+        """Header checks only: the JPEG is decoded in the batch, on the model's device."""
+        found = probe_jpeg(data, max_pixels)
+        if found is None or not predictor.tensor_path_ok(*found.size):
+            return None
+        label = f"image {index}: " if len(uploads) > 1 else ""
+        return _Decoded(found._replace(label=label), found.size, None)
+
     def work(index: int, data: bytes) -> _Decoded:
-        if on_device:  # header checks only; the JPEG is decoded in the batch, on the model's device
-            probe = probe_jpeg(data, max_pixels)
-            if probe is not None and predictor.tensor_path_ok(*probe.size):
-                label = f"image {index}: " if len(uploads) > 1 else ""
-                return _Decoded(probe._replace(label=label), probe.size, None)
         image = decode_image(data, max_pixels)
         return _Decoded(predictor.preprocess(image), image.size, image if keep_images else None)
 
-    jobs = [loop.run_in_executor(state.decode_pool, work, i, data) for i, data in enumerate(uploads)]
-    done = await asyncio.gather(*jobs, return_exceptions=True)
+    # A header probe takes microseconds: it runs here, on the event loop, where a hop to the
+    # decode pool would cost more than it saves. Only full decodes go to the pool.
+    done: list[_Decoded | BaseException | None] = [None] * len(uploads)
+    jobs: dict[int, asyncio.Future[_Decoded]] = {}
+    for index, data in enumerate(uploads):
+        if on_device:
+            try:
+                done[index] = probe(index, data)
+            except ApiError as exc:
+                done[index] = exc
+                break  # no later image can be the first failure
+            if done[index] is not None:
+                continue
+        jobs[index] = loop.run_in_executor(state.decode_pool, work, index, data)
+    if jobs:
+        finished = await asyncio.gather(*jobs.values(), return_exceptions=True)
+        for index, item in zip(jobs, finished, strict=True):
+            done[index] = item
     for index, item in enumerate(done):
         if isinstance(item, ApiError):
             if len(uploads) > 1:

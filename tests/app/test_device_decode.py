@@ -120,3 +120,33 @@ async def test_rendered_images_still_work(device_client: httpx.AsyncClient) -> N
     response = await device_client.post("/v1/detect/render", params={"model": DETECTOR}, files=files)
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).size == (80, 120)
+
+
+def _jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header (SOF0) claims width x height: refused by the header probe."""
+    data = bytearray(jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+async def test_the_first_failing_image_is_reported_whichever_path_found_it(
+    device_client: httpx.AsyncClient,
+) -> None:
+    """Header probes run on the event loop, full decodes in the pool: the error is still the first
+    image's by index, not the first found."""
+    huge = _jpeg_claiming(9000, 9000)  # 81 M pixels: 413 from the probe, before any decoding
+    broken_png = png()[:40]  # not a JPEG: decoded in the pool, where PIL refuses it
+    cases = [
+        ([broken_png, huge], 400, "image 0: "),
+        ([huge, broken_png], 413, "image 0: "),
+        ([jpeg(), broken_png, huge], 400, "image 1: "),
+        ([png(), huge, broken_png], 413, "image 1: "),
+    ]
+    for uploads, status, prefix in cases:
+        files = [("file", (f"{i}", data)) for i, data in enumerate(uploads)]
+        answer = await device_client.post("/v1/classify", params={"model": CLASSIFIER}, files=files)
+        assert answer.status_code == status, (prefix, answer.text)
+        assert answer.json()["error"].startswith(prefix), answer.text
+    alone = await device_client.post("/v1/classify", files={"file": ("h.jpg", huge)})
+    assert alone.status_code == 413 and "9000" in alone.json()["error"]
