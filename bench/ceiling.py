@@ -8,6 +8,12 @@ size: decode, preprocessing and post-processing are not included (the service mu
 and still reach the ratio). Run it in a process of its own, with the allocator settings
 (:data:`ALLOCATOR_ENV`) in its environment: glibc reads them at start.
 
+It also puts the loop against the hardware: the network's arithmetic per image (counted once with
+``torch.utils.flop_counter``, 2 FLOPs per multiply-add) times the best images/s, as a fraction of
+what one large square matmul reaches at the same precision on the same device and threads. A loop
+near 1.0 of that peak leaves nothing for a server to win at the same arithmetic: beating it by
+1.3x then takes fewer or cheaper operations (int8), not a better loop.
+
 ``python -m bench.ceiling --work-dir DIR --model vgg16 --precisions bf16,fp32 --json out.json``
 """
 
@@ -31,6 +37,10 @@ ALLOCATOR_ENV: dict[str, str] = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD
 #: Batch sizes tried by default on each device.
 CPU_BATCHES: tuple[int, ...] = (1, 2, 4, 8, 16)
 GPU_BATCHES: tuple[int, ...] = (1, 8, 32, 64, 128, 256)
+
+#: Side of the square matmul that gives the arithmetic peak per device (large enough to be compute
+#: bound, small enough to time in about a second on two CPU cores).
+PEAK_MATMUL_N = {"cpu": 2048, "cuda": 8192}
 
 #: Input dtype per precision: int8 networks take float32 and quantize inside (models.quantize).
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "float32"}
@@ -83,6 +93,38 @@ def time_forward(
                 return n, elapsed
 
 
+def matmul_peak_gflops(device: str, precision: str, min_seconds: float = 1.0) -> float | None:
+    """GFLOP/s of a large square matmul at ``precision`` on ``device`` (None for int8: its
+    quantized convolutions have no matmul of the same kind to compare with)."""
+    import torch
+
+    if precision not in ("fp32", "bf16", "fp16"):
+        return None
+    dtype = getattr(torch, DTYPES[precision])
+    n = PEAK_MATMUL_N["cuda" if device.startswith("cuda") else "cpu"]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    with torch.inference_mode():
+        calls, seconds = time_forward(lambda: a @ b, sync, min_seconds, min_iters=3)
+    return round(2 * n**3 * calls / seconds / 1e9, 1)
+
+
+def gflop_per_image(net: Any, input_size: tuple[int, int], device: str, precision: str) -> float | None:
+    """The network's arithmetic for one image, in GFLOP (2 per multiply-add, as counted by
+    ``torch.utils.flop_counter``); None where the counter does not see it (quantized int8 ops)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = getattr(torch, DTYPES[precision])
+    x = torch.randn(1, 3, *input_size, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        net(x)
+    total = counter.get_total_flops()
+    return total / 1e9 if total else None
+
+
 def measure(
     net: Any,
     input_size: tuple[int, int],
@@ -91,9 +133,10 @@ def measure(
     batches: Sequence[int],
     min_seconds: float,
     min_iters: int,
+    gflop: float | None = None,
 ) -> dict[str, Any]:
     """Images/s of ``net`` (already on ``device`` in ``precision``) at each batch size; ``best`` is
-    the fastest."""
+    the fastest. With ``gflop`` (per image), also the best's GFLOP/s against the matmul peak."""
     import torch
 
     dtype = getattr(torch, DTYPES[precision])
@@ -132,12 +175,24 @@ def measure(
             flush=True,
         )
     best = max(rows, key=lambda r: r["images_per_s"]) if rows else None
+    peak = matmul_peak_gflops(device, precision)
+    arithmetic = None
+    if best is not None and gflop is not None and peak:
+        achieved = best["images_per_s"] * gflop
+        arithmetic = {"gflops": round(achieved, 1), "peak_fraction": round(achieved / peak, 3)}
+        print(
+            f"  {precision}: {achieved:.0f} GFLOP/s at batch {best['batch']}, {achieved / peak:.2f} of a "
+            f"{PEAK_MATMUL_N['cuda' if device.startswith('cuda') else 'cpu']}^2 matmul ({peak:.0f} GFLOP/s)",
+            flush=True,
+        )
     return {
         "precision": precision,
         "device": device,
         "channels_last": True,
         "by_batch": rows,
         "best": best,
+        "matmul_peak_gflops": peak,
+        "arithmetic": arithmetic,
         "error": error,
     }
 
@@ -195,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = args.batches or list(GPU_BATCHES if args.device.startswith("cuda") else CPU_BATCHES)
     results = []
     input_size: tuple[int, int] = (0, 0)
+    gflop: float | None = None  # counted on the first float network: int8 does the same operations
     for precision in args.precisions:
         if precision == "fp16" and not args.device.startswith("cuda"):
             print("  fp16 skipped on the CPU (no fast fp16 kernels)", flush=True)
@@ -205,8 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         network, input_size = load_network(args.work_dir, args.model, args.device, precision)
         if precision == "int8":
             print("  int8: calibrated on bench inputs' calibration/ images", flush=True)
+        elif gflop is None:
+            gflop = gflop_per_image(network, input_size, args.device, precision)
         results.append(
-            measure(network, input_size, args.device, precision, batches, args.min_seconds, args.min_iters)
+            measure(
+                network, input_size, args.device, precision, batches, args.min_seconds, args.min_iters, gflop
+            )
         )
         del network
         if args.device.startswith("cuda"):
@@ -214,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     doc = {
         "model": args.model,
         "input_size": list(input_size),
+        "gflop_per_image": gflop,
         "threads": threads,
         "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
         "machine": machine_info(),

@@ -54,17 +54,29 @@ def merge_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def ceiling_best(docs: Sequence[Mapping[str, Any]], precision: str) -> dict[str, Any] | None:
-    """Median over repeats of the best images/s at ``precision``, with the batch of the first."""
-    bests = [
-        res["best"]
+    """Median over repeats of the best images/s at ``precision``, with the batch of the first, and
+    (where the stage measured them) the arithmetic per image, the matmul peak and the fraction of
+    that peak the loop reached (medians too)."""
+    found = [
+        (doc, res)
         for doc in docs
         for res in doc.get("results", [])
         if res.get("precision") == precision and res.get("best")
     ]
-    if not bests:
+    if not found:
         return None
-    value = median_or_none([b["images_per_s"] for b in bests])
-    return {"images_per_s": value, "batch": bests[0]["batch"], "repeats": len(bests)}
+    best: dict[str, Any] = {
+        "images_per_s": median_or_none([res["best"]["images_per_s"] for _, res in found]),
+        "batch": found[0][1]["best"]["batch"],
+        "repeats": len(found),
+    }
+    gflop = median_or_none([doc["gflop_per_image"] for doc, _ in found if doc.get("gflop_per_image")])
+    peak = median_or_none([res["matmul_peak_gflops"] for _, res in found if res.get("matmul_peak_gflops")])
+    if gflop is not None and peak is not None:
+        best["gflop_per_image"] = gflop
+        best["matmul_peak_gflops"] = peak
+        best["peak_fraction"] = round(best["images_per_s"] * gflop / peak, 3)
+    return best
 
 
 def primary_levels(server: Mapping[str, Any], base_size: str) -> list[Mapping[str, Any]]:
@@ -85,14 +97,29 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def _target(name: str, value: float | None, target: float, higher_is_better: bool = True) -> dict[str, Any]:
+def _target(
+    name: str, value: float | None, target: float, higher_is_better: bool = True, note: str = ""
+) -> dict[str, Any]:
     met = None if value is None else (value >= target if higher_is_better else value <= target)
     return {
         "name": name,
         "value": value,
         "target": (">= " if higher_is_better else "<= ") + f"{target:g}",
         "met": met,
+        "note": note,
     }
+
+
+def peak_bound(ceiling: Mapping[str, Any] | None, peer_ips: float | None) -> str:
+    """For a target against a peer at a float precision: the most any server could reach over that
+    peer at the same arithmetic, running the network at the device's matmul peak."""
+    if not ceiling or "matmul_peak_gflops" not in ceiling or not peer_ips:
+        return ""
+    most = ceiling["matmul_peak_gflops"] / ceiling["gflop_per_image"] / peer_ips
+    return (
+        f"at most {most:.2f} at this arithmetic: the eager loop runs at "
+        f"{ceiling['peak_fraction']:.2f} of the matmul peak"
+    )
 
 
 def summarize_model(
@@ -166,11 +193,17 @@ def summarize_model(
                     f"ours ({precision}) / {label}",
                     _ratio(ours_by_precision[precision], peers[label]),
                     TARGET_VS_PEER_SAME_PRECISION,
+                    note=peak_bound(ceilings.get(precision), peers[label]),
                 )
             )
+        same = precision == ours_precision
         targets.append(
-            _target(f"ours ({ours_precision}) / {label}", _ratio(ours_ips, peers[label]),
-                    TARGET_VS_PEER_SAME_PRECISION)
+            _target(
+                f"ours ({ours_precision}) / {label}",
+                _ratio(ours_ips, peers[label]),
+                TARGET_VS_PEER_SAME_PRECISION,
+                note=peak_bound(ceilings.get(precision), peers[label]) if same else "",
+            )
         )
     at16 = None
     if ours_best_label:
@@ -276,6 +309,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         )
         out.append("|---|---|---|---|---|---|")
         base = summary["ceilings"].get(summary["baseline_precision"])
+        arithmetic = []
         for precision, ceiling in summary["ceilings"].items():
             if ceiling:
                 eff = _ratio(ceiling["images_per_s"], base["images_per_s"] if base else None)
@@ -283,6 +317,11 @@ def markdown(results: Mapping[str, Any]) -> str:
                     f"| eager PyTorch loop {precision} (model only) | {_fmt(ceiling['images_per_s'])} "
                     f"(batch {ceiling['batch']}) | - | - | {_fmt(eff, 2)} | - |"
                 )
+                if "peak_fraction" in ceiling:
+                    arithmetic.append(
+                        f"{precision} {ceiling['images_per_s'] * ceiling['gflop_per_image']:.0f} GFLOP/s = "
+                        f"{ceiling['peak_fraction']:.2f} x {ceiling['matmul_peak_gflops']:.0f}"
+                    )
         if summary.get("openvino"):
             ov = summary["openvino"]
             eff = _ratio(ov["images_per_s"], base["images_per_s"] if base else None)
@@ -314,11 +353,21 @@ def markdown(results: Mapping[str, Any]) -> str:
                 f"| {n503} / {errors} "
                 f"| {_fmt(best.get('efficiency'), 2)} | {100 * cpu:.1f}% of a core |"
             )
-        out.append("\n| target | value | goal | met |")
-        out.append("|---|---|---|---|")
+        if arithmetic:
+            counted = [c for c in summary["ceilings"].values() if c and "gflop_per_image" in c]
+            gflop = counted[0]["gflop_per_image"]
+            out.append(
+                f"\nArithmetic: {gflop:.1f} GFLOP per image. The eager loops against a large square matmul "
+                f"at the same precision on the same cores (GFLOP/s = fraction x matmul peak): "
+                + "; ".join(arithmetic)
+                + "."
+            )
+        out.append("\n| target | value | goal | met | note |")
+        out.append("|---|---|---|---|---|")
         for t in summary["targets"]:
             met = {True: "yes", False: "NO", None: "-"}[t["met"]]
-            out.append(f"| {t['name']} | {_fmt(t['value'], 2)} | {t['target']} | {met} |")
+            note = t.get("note", "")
+            out.append(f"| {t['name']} | {_fmt(t['value'], 2)} | {t['target']} | {met} | {note} |")
     errors = results.get("errors", [])
     if errors:
         out.append("\nStage errors:\n" + "\n".join(f"- {e}" for e in errors))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.report import finish, level_key, merge_runs, summarize_model
+from bench.report import finish, level_key, markdown, merge_runs, summarize_model
 
 
 def closed(c: int, ips: float, p50: float, p99: float, n503: int = 0, k: int = 1) -> dict[str, Any]:
@@ -133,6 +133,29 @@ def test_int8_is_measured_against_the_eager_bf16_bar_and_peers_at_their_precisio
     assert targets["ours (int8) / litserve bf16"]["met"] is True
     # each level's efficiency is against the ceiling of its own precision
     assert summary["servers"]["ours int8"]["closed"][0]["efficiency"] == pytest.approx(36 / 40)
+
+
+def test_same_precision_targets_say_how_far_the_hardware_lets_any_server_go(
+    results: dict[str, Any],
+) -> None:
+    doc = results["models"]["vgg16"]
+    for c, peak in zip(doc["ceiling"], (400.0, 420.0, 380.0), strict=True):
+        c["gflop_per_image"] = 20.0
+        for r in c["results"]:
+            r["matmul_peak_gflops"] = peak if r["precision"] == "bf16" else 100.0
+    summary = summarize_model(doc, "cpu", "500x375", deadline_ms=1000)
+    bf16 = summary["ceilings"]["bf16"]
+    # medians: 20 images/s x 20 GFLOP = 400 GFLOP/s against a 400 GFLOP/s matmul
+    assert bf16["matmul_peak_gflops"] == 400.0 and bf16["peak_fraction"] == pytest.approx(1.0)
+    assert summary["ceilings"]["fp32"]["peak_fraction"] == pytest.approx(5 * 20 / 100)
+    targets = {t["name"]: t for t in summary["targets"]}
+    # at the peak, 20 images/s is all the arithmetic allows: 20 / 25 (the bf16 peer) = 0.8
+    assert targets["ours (bf16) / litserve bf16"]["note"].startswith("at most 0.80 ")
+    assert targets["ours (bf16) / fastapi fp32"]["note"] == ""  # not the same precision
+    results["models"]["vgg16"]["summary"] = summary
+    table = markdown(results)
+    assert "Arithmetic: 20.0 GFLOP per image" in table and "bf16 400 GFLOP/s = 1.00 x 400" in table
+    assert "| at most 0.80 at this arithmetic" in table
 
 
 def test_overload_with_errors_or_late_answers_fails(results: dict[str, Any]) -> None:

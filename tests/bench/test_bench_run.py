@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench.ceiling import ALLOCATOR_ENV, time_forward
+from bench.ceiling import ALLOCATOR_ENV, gflop_per_image, matmul_peak_gflops, measure, time_forward
 from bench.inputs import (
     _toml_entry,
     bench_model,
@@ -158,6 +158,26 @@ def test_time_forward_counts_calls() -> None:
     n, seconds = time_forward(lambda: calls.append(1), lambda: syncs.append(1), min_seconds=0.0, min_iters=5)
     assert n == 5 and len(calls) == 5 + 2  # two warm-up calls are not timed
     assert seconds >= 0 and syncs
+
+
+def test_arithmetic_is_counted_per_image_and_put_against_the_matmul_peak() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    net = net.to(memory_format=torch.channels_last)
+    # 8 x 8 outputs x 4 channels x (3 x 3 x 3) multiply-adds, 2 FLOPs each, for one image
+    assert gflop_per_image(net, (8, 8), "cpu", "fp32") == pytest.approx(2 * 8 * 8 * 4 * 27 / 1e9)
+    peak = matmul_peak_gflops("cpu", "fp32", min_seconds=0.0)
+    assert peak is not None and peak > 0
+    assert matmul_peak_gflops("cpu", "int8") is None  # no float matmul to hold int8 against
+    result = measure(net, (8, 8), "cpu", "fp32", [2], min_seconds=0.0, min_iters=2, gflop=0.5)
+    best, arithmetic = result["best"], result["arithmetic"]
+    assert arithmetic["gflops"] == pytest.approx(best["images_per_s"] * 0.5, rel=1e-3)
+    assert arithmetic["peak_fraction"] == pytest.approx(
+        arithmetic["gflops"] / result["matmul_peak_gflops"], rel=1e-2
+    )
+    assert measure(net, (8, 8), "cpu", "fp32", [1], min_seconds=0.0, min_iters=1)["arithmetic"] is None
 
 
 def test_server_process_lifecycle(tmp_path: Path) -> None:
