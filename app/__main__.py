@@ -7,8 +7,8 @@ The warm-up runs once the socket is up (``/health/live`` answers during it); a w
 stops the server with exit 1. SIGTERM drains (``app/drain.py``): readiness and new work 503 for
 ``VISION_DRAIN_DELAY_S``, then uvicorn's graceful shutdown of up to ``VISION_DRAIN_GRACE_S``; a
 SIGTERM while the models still load exits at once (143). With ``VISION_WORKERS`` > 1 this process
-binds the port and supervises that many copies of itself, each serving on the same socket
-(``app/workers.py``).
+reserves the port and supervises that many copies of itself, each listening on it with
+SO_REUSEPORT (``app/workers.py``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="Serve VGG16 / SSD models over HTTP.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
-    parser.add_argument("--socket-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker
     parser.add_argument("--warm-first", action="store_true", help=argparse.SUPPRESS)  # a restarted worker
     args = parser.parse_args(argv)
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         names = ", ".join(f"{spec.name} ({spec.weights})" for spec in missing)
         hint = _how_to_get_weights(settings.models_file)
         return fail(f"{settings.models_file}: checkpoint file(s) not found: {names}{hint}")
-    if settings.workers > 1 and args.socket_fd is None:  # the supervisor: it binds, the workers load
+    if settings.workers > 1 and not args.reuse_port:  # the supervisor: it binds, the workers load
         from app.workers import serve_workers
 
         return serve_workers(args.host, args.port, settings.workers)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    if args.warm_first:  # a restarted worker: warm up before taking connections from the shared socket
+    if args.warm_first:  # a restarted worker: warm up before it listens
         from app.service import warm_predictor
 
         started = time.perf_counter()
@@ -149,10 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             service.draining = True
 
     server = DrainingServer(config, drain_delay_s=settings.drain_delay_s, on_drain=on_drain)
-    if args.socket_fd is not None:  # a worker of app/workers.py: serve on the supervisor's socket
-        import socket
+    if args.reuse_port:  # a worker of app/workers.py: its own socket on the shared port
+        from app.workers import bind_socket
 
-        server.run(sockets=[socket.socket(fileno=args.socket_fd)])
+        try:
+            sock = bind_socket(args.host, args.port)
+        except OSError as exc:
+            return fail(f"cannot listen on {args.host}:{args.port}: {exc}")
+        server.run(sockets=[sock])
     else:
         server.run()
     if fatal:

@@ -1,12 +1,12 @@
-"""``VISION_WORKERS=N``: N serving processes behind one listening socket, and their supervisor.
+"""``VISION_WORKERS=N``: N serving processes on one port, and their supervisor.
 
 One Python process tops out at two or three cores of request handling (HTTP parsing, multipart,
 JSON, the event loop), far below what one GPU can infer. With ``N > 1`` the process that
-``python -m app`` started binds the address, then runs ``N`` copies of itself, each given the
-listening socket (``--socket-fd``). Every worker is the ordinary single-process service: it loads
-its own models (on a GPU: N copies, each a few hundred MB for VGG16/SSD300 in fp16), warms up,
-batches its own requests and drains on SIGTERM. The kernel hands each new connection to one of the
-workers waiting in ``accept``.
+``python -m app`` started reserves the address, then runs ``N`` copies of itself (``--reuse-port``),
+each listening on the same port with ``SO_REUSEPORT`` (:func:`bind_socket`). Every worker is the
+ordinary single-process service: it loads its own models (on a GPU: N copies, each a few hundred
+MB for VGG16/SSD300 in fp16), warms up, batches its own requests and drains on SIGTERM. The kernel
+hands each new connection to one of the workers' sockets, by a hash of the connection's addresses.
 
 The supervisor (this module) imports no torch and serves nothing. It:
 
@@ -20,8 +20,10 @@ The supervisor (this module) imports no torch and serves nothing. It:
   the same way; its message is on stderr, which the workers share).
 
 At the first start every worker serves while it warms up (readiness 503 meanwhile, as a single
-process). A restarted worker warms up before it serves (``--warm-first``), so it never answers
-``503 NOT_READY`` while the others are ready.
+process). A restarted worker warms up before it listens (``--warm-first``), so it never answers
+``503 NOT_READY`` while the others are ready. Connections still waiting in a worker's own accept
+queue when it dies or stops are reset (the kernel does not hand them to the other workers unless
+``net.ipv4.tcp_migrate_req`` is set); clients retry those as any connection reset.
 
 Not shared between workers: the batch queue (``VISION_MAX_QUEUE_IMAGES`` is per worker) and the
 metrics (``/metrics`` shows the worker that answered; scrape each replica's workers with their
@@ -48,7 +50,7 @@ log = logging.getLogger("app.workers")
 #: More worker deaths than this within RESTART_WINDOW_S stop the supervisor (exit 1).
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60.0
-#: Listen backlog of the shared socket (uvicorn's default is 2048 as well).
+#: Listen backlog of each worker's socket (uvicorn's default is 2048 as well).
 BACKLOG = 2048
 #: Exit statuses of ``python -m app`` that mean "cannot start" (2: settings, 1: models or warm-up).
 START_FAILURES = (1, 2)
@@ -56,8 +58,17 @@ START_FAILURES = (1, 2)
 POLL_S = 0.2
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` that child processes inherit.
+def bind_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to ``host:port`` with ``SO_REUSEPORT``, listening unless ``listen`` is
+    false.
+
+    Every worker binds its own listening socket this way, and the kernel spreads new connections
+    over them by a hash of the addresses and ports. One socket shared by all the workers (what
+    this module did first) let whichever worker woke first take a whole burst of connections: its
+    event loop accepts until the backlog is empty, and behind a load balancer's pool of keep-alive
+    connections that first share is the share for good. The supervisor binds without listening:
+    the start fails at once if another program holds the port, and the port stays reserved
+    between worker restarts; a socket that does not listen is given no connections.
 
     Raises OSError (address in use, bad host) for the caller to report.
     """
@@ -65,9 +76,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.set_inheritable(True)
+        if listen:
+            sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
@@ -87,7 +99,8 @@ def worker_environ(environ: dict[str, str], workers: int, slot: int) -> dict[str
 
 @dataclass
 class Supervisor:
-    """Runs ``count`` workers on ``sock`` until a signal or a fatal worker exit (module docstring)."""
+    """Runs ``count`` workers on ``host:port`` until a signal or a fatal worker exit (module
+    docstring); ``sock`` is the supervisor's bound, not listening, socket that reserves the port."""
 
     sock: socket.socket
     count: int
@@ -100,13 +113,11 @@ class Supervisor:
     def spawn(self, slot: int, *, restart: bool = False) -> None:
         """Start worker ``slot``. A restarted one warms up before it takes connections (the others
         serve meanwhile); at the first start all warm up while serving, answering readiness 503."""
-        fd = self.sock.fileno()
-        argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port),
-                "--socket-fd", str(fd)]  # fmt: skip
+        argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port), "--reuse-port"]
         if restart:
             argv.append("--warm-first")
         env = worker_environ(dict(os.environ), self.count, slot)
-        process = subprocess.Popen(argv, pass_fds=(fd,), env=env)
+        process = subprocess.Popen(argv, env=env)
         self.workers[slot] = process
         log.info("worker %d started (pid %d)", slot, process.pid)
 
@@ -163,9 +174,9 @@ class Supervisor:
 
 
 def serve_workers(host: str, port: int, count: int) -> int:
-    """Bind ``host:port`` and supervise ``count`` workers; the exit status (1: cannot bind)."""
+    """Reserve ``host:port`` and supervise ``count`` workers; the exit status (1: cannot bind)."""
     try:
-        sock = bind_socket(host, port)
+        sock = bind_socket(host, port, listen=False)
     except OSError as exc:
         print(f"vision-serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,26 @@ def workers(tiny_models_file: Path, tmp_path: Path) -> Iterator[Workers]:
                 os.kill(pid, signal.SIGKILL)
 
 
+def established_by_process(pids: set[int], port: int) -> dict[int, int]:
+    """How many ESTABLISHED TCP connections on local ``port`` each of ``pids`` holds (from /proc)."""
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes[target[8:-1]] = pid
+    counts = dict.fromkeys(pids, 0)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port, state, inode = int(fields[1].rsplit(":", 1)[1], 16), fields[3], fields[9]
+                if local_port == port and state == "01" and inode in inodes:
+                    counts[inodes[inode]] += 1
+    return counts
+
+
 def classify_many(base_url: str, count: int) -> list[int]:
     statuses = []
     for i in range(count):  # a fresh connection each: the kernel spreads them over the workers
@@ -105,6 +126,24 @@ def test_two_workers_serve_restart_and_drain(workers: Workers) -> None:
         assert b"VISION_WORKERS=1" in environ
         assert any(item.startswith(b"VISION_TORCH_THREADS=") for item in environ)
     assert classify_many(workers.base_url, 12) == [200] * 12
+
+    # A burst of 32 connections (a load balancer opening its keep-alive pool) is spread over both
+    # workers: each worker listens on its own SO_REUSEPORT socket. With one shared socket, the
+    # worker that woke first accepted most of such a burst.
+    port = int(workers.base_url.rsplit(":", 1)[1])
+    burst = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+    try:
+        counts: dict[int, int] = {}
+        for _ in range(50):
+            counts = established_by_process(first, port)
+            if sum(counts.values()) == 32:
+                break
+            time.sleep(0.1)
+        assert sum(counts.values()) == 32, counts
+        assert min(counts.values()) >= 4, counts  # hashing: fewer than 4 of 32 has odds of about 1e-6
+    finally:
+        for conn in burst:
+            conn.close()
 
     victim = min(first)
     os.kill(victim, signal.SIGKILL)  # as the kernel's OOM killer would
