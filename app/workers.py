@@ -21,9 +21,12 @@ The supervisor (this module) imports no torch and serves nothing. It:
 
 At the first start every worker serves while it warms up (readiness 503 meanwhile, as a single
 process). A restarted worker warms up before it listens (``--warm-first``), so it never answers
-``503 NOT_READY`` while the others are ready. Connections still waiting in a worker's own accept
-queue when it dies or stops are reset (the kernel does not hand them to the other workers unless
-``net.ipv4.tcp_migrate_req`` is set); clients retry those as any connection reset.
+``503 NOT_READY`` while the others are ready. The price of a socket per worker: when a worker
+dies, the connections waiting in its accept queue, and new ones that reach its socket before the
+kernel has closed the dead process's files (a fraction of a second), are reset, where a shared
+socket handed them to the other workers. The kernel migrates them instead where the host sets
+``net.ipv4.tcp_migrate_req=1`` (Linux 5.14+). Requests the dead worker was running are lost either
+way.
 
 Not shared between workers: the batch queue (``VISION_MAX_QUEUE_IMAGES`` is per worker) and the
 metrics (``/metrics`` shows the worker that answered; scrape each replica's workers with their
