@@ -25,7 +25,6 @@ weights, with a warning (transfer learning on random features learns little).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,12 +42,15 @@ from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, ClassifierTransform
 from models.vgg import VGG, VGG_BUILDERS
 from train.common import (
     load_train_state,
+    plain_config,
     progress,
     resolve_device,
+    save_state_dict,
     save_train_state,
     say,
     seed_everything,
     warn,
+    width_label,
     write_history,
 )
 
@@ -218,21 +220,13 @@ def run_epoch(model: nn.Module, loader: DataLoader[tuple[Tensor, int]], criterio
     return loss_sum / seen, correct / seen
 
 
-def _fraction(width: float) -> str:
-    """1/16 for 0.0625, 1 for 1.0, else the number."""
-    if width < 1 and abs(1 / width - round(1 / width)) < 1e-9:
-        return f"1/{round(1 / width)}"
-    return f"{width:g}"
-
-
 def _save(cfg: ClassifierConfig, model: nn.Module, name: str, classes: Sequence[str], resize: int,
           metadata: dict[str, Any]) -> Path:
     path = save_project_checkpoint(
         cfg.out / f"{name}.pth", model, task="classify", arch=cfg.arch, labels=classes,
         preprocess={"kind": "classifier", "resize": resize, "crop": cfg.size}, metadata=metadata)
     if cfg.state_dict:  # the book's layout: torch.save(net.state_dict(), ...)
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   cfg.out / f"{name}_state_dict.pth")
+        save_state_dict(model, cfg.out / f"{name}_state_dict.pth")
     return path
 
 
@@ -270,7 +264,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         best_acc, best_loss, init = float(state["best_acc"]), float(state["best_loss"]), str(state["init"])
         say(f"resuming after epoch {start_epoch - 1} from {cfg.resume}")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    variant = f"{cfg.arch.upper().replace('_', '-')} width {_fraction(cfg.width)}"
+    variant = f"{cfg.arch.upper().replace('_', '-')} width {width_label(cfg.width)}"
     say(f"{variant}, {cfg.mode}, init {init}, on {device}; epochs {cfg.epochs} (epoch 0 only evaluates)")
 
     paths: dict[str, Path] = {}
@@ -300,7 +294,7 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             paths["best"] = _save(cfg, model, "best", classes, resize, metadata)
         paths["last"] = _save(cfg, model, "last", classes, resize, metadata)
         save_train_state(cfg.out, {
-            "command": COMMAND, "config": _plain(cfg), "model": model.state_dict(),
+            "command": COMMAND, "config": plain_config(cfg), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best_acc": best_acc,
             "best_loss": best_loss, "classes": classes, "arch": cfg.arch, "width": cfg.width,
             "mode": cfg.mode, "init": init,
@@ -312,7 +306,3 @@ def train_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         f'format = "project"\nweights = "{best.resolve()}"')
     return {"best": best, "last": cfg.out / "last.pth", "best_accuracy": best_acc, "history": history,
             "classes": classes, "init": init}
-
-
-def _plain(cfg: ClassifierConfig) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -17,12 +18,15 @@ from tqdm import tqdm
 __all__ = [
     "TRAIN_STATE",
     "load_train_state",
+    "plain_config",
     "progress",
     "resolve_device",
+    "save_state_dict",
     "save_train_state",
     "say",
     "seed_everything",
     "warn",
+    "width_label",
     "write_history",
 ]
 
@@ -90,3 +94,28 @@ def load_train_state(path: Path, command: str) -> dict[str, Any]:
 def write_history(out: Path, history: list[dict[str, Any]]) -> None:
     """``history.json``: one entry per epoch (losses, accuracy or mAP, seconds)."""
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+
+
+def width_label(width: float) -> str:
+    """A channel-width multiplier as people write it: 1/16 for 0.0625, 1 for 1.0, else the number."""
+    if width < 1 and abs(1 / width - round(1 / width)) < 1e-9:
+        return f"1/{round(1 / width)}"
+    return f"{width:g}"
+
+
+def plain_config(cfg: Any) -> dict[str, Any]:
+    """A command's config dataclass as plain values (paths as strings, tuples as lists), for the
+    resume file and the checkpoint's metadata."""
+    plain: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        plain[key] = value
+    return plain
+
+
+def save_state_dict(model: torch.nn.Module, path: Path) -> None:
+    """The model's bare state_dict on the CPU, as the book saves it (``torch.save(net.state_dict())``)."""
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)

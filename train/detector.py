@@ -27,7 +27,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import xml.etree.ElementTree as ET
@@ -53,12 +52,15 @@ from train.augment import ssd_train_augment
 from train.batchnorm import ConvBN, add_batchnorm, fold_batchnorm, has_batchnorm
 from train.common import (
     load_train_state,
+    plain_config,
     progress,
     resolve_device,
+    save_state_dict,
     save_train_state,
     say,
     seed_everything,
     warn,
+    width_label,
     write_history,
 )
 from train.evaluate import DetectionMAP
@@ -367,12 +369,6 @@ def _lr_at(cfg: DetectorConfig, epoch: int, iteration: int) -> float:
     return lr
 
 
-def _fraction(width: float) -> str:
-    if width < 1 and abs(1 / width - round(1 / width)) < 1e-9:
-        return f"1/{round(1 / width)}"
-    return f"{width:g}"
-
-
 def _save(cfg: DetectorConfig, model: SSD, name: str, labels: Sequence[str],
           metadata: dict[str, Any]) -> Path:
     if has_batchnorm(model):
@@ -382,8 +378,7 @@ def _save(cfg: DetectorConfig, model: SSD, name: str, labels: Sequence[str],
         preprocess={"kind": "ssd", "size": model.config.input_size}, postprocess={"semantics": "book"},
         metadata=metadata)
     if cfg.state_dict:  # the book's torch.save(net.state_dict(), 'weights/ssd300_N.pth')
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                   cfg.out / f"{name}_state_dict.pth")
+        save_state_dict(model, cfg.out / f"{name}_state_dict.pth")
     return path
 
 
@@ -433,7 +428,7 @@ def train_detector(cfg: DetectorConfig) -> dict[str, Any]:
         best_map, iteration = float(state["best_map"]), int(state["iteration"])
         say(f"resuming after epoch {start_epoch - 1} from {cfg.resume}")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    variant = f"{cfg.arch.upper()} width {_fraction(cfg.width)}"
+    variant = f"{cfg.arch.upper()} width {width_label(cfg.width)}"
     say(f"{variant}{' (+BatchNorm while training)' if cfg.batchnorm else ''}, base {base}, "
         f"on {device}; {cfg.epochs} epochs, "
         f"validation every {cfg.val_every} and after the last")
@@ -496,7 +491,7 @@ def train_detector(cfg: DetectorConfig) -> dict[str, Any]:
                 _save(cfg, model, "best", labels, metadata)
         _save(cfg, model, "last", labels, metadata)
         save_train_state(cfg.out, {
-            "command": COMMAND, "config": _plain(cfg), "model": model.state_dict(),
+            "command": COMMAND, "config": plain_config(cfg), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration, "history": history,
             "best_map": best_map, "labels": labels, "arch": cfg.arch, "width": cfg.width,
         })
@@ -507,14 +502,3 @@ def train_detector(cfg: DetectorConfig) -> dict[str, Any]:
         f'format = "project"\nweights = "{best.resolve()}"')
     return {"best": best, "last": cfg.out / "last.pth", "best_map_50": best_map, "history": history,
             "labels": labels}
-
-
-def _plain(cfg: DetectorConfig) -> dict[str, Any]:
-    plain: dict[str, Any] = {}
-    for key, value in dataclasses.asdict(cfg).items():
-        if isinstance(value, Path):
-            value = str(value)
-        elif isinstance(value, tuple):
-            value = list(value)
-        plain[key] = value
-    return plain
