@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import struct
 import threading
 import time
@@ -24,6 +23,7 @@ from app.models_file import ModelsFile
 from models import Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, VOC_DETECTOR, running, serve, settings_for
 from tests.app.helpers import encode, jpeg, png
+from tests.app.test_server_process import free_port
 
 IMAGES = [jpeg(64, 48, seed=0), png(40, 70, seed=1), jpeg(120, 90, seed=2)]
 #: Images on which the tiny VOC detector finds different numbers of boxes at DETECT_PARAMS.
@@ -266,16 +266,10 @@ async def test_draining_refuses_new_work_and_readiness(tiny_predictors: list[Pre
 # -- a standard v2 client over real HTTP --------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live_url(tiny_predictors: list[Predictor], tiny_entries: ModelsFile) -> Iterator[str]:
     """The app under a real uvicorn, in a thread of this process (no second torch import)."""
-    port = _free_port()
+    port = free_port()
     app = create_app(settings_for(), tiny_predictors, defaults=tiny_entries.defaults)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -3,7 +3,6 @@ balancer and soak tests."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import signal
@@ -19,15 +18,9 @@ from pathlib import Path
 import httpx
 
 from tests import checkpoint_factory as cf
+from tests.app.test_server_process import REPO, clean_env
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = "vgg16-tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def restartable_port() -> int:
@@ -63,9 +56,7 @@ def tiny_classifier_file(folder: Path) -> Path:
 
 
 def service_env(models_file: Path, **settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
-    env.update(
-        PYTHONPATH=str(REPO),
+    env = clean_env(
         VISION_MODELS_FILE=str(models_file),
         VISION_DEVICE="cpu",
         VISION_TORCH_THREADS="1",

@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from tests.app.helpers import jpeg
-from tests.deploy.replicas import REPO, Load, Replica, free_port, service_env, tiny_classifier_file, wait_for
+from tests.app.test_server_process import free_port
+from tests.deploy.replicas import REPO, Load, Replica, service_env, tiny_classifier_file, wait_for
 
 pytestmark = pytest.mark.slow
 
