@@ -175,7 +175,7 @@ def measure(
             flush=True,
         )
     best = max(rows, key=lambda r: r["images_per_s"]) if rows else None
-    peak = matmul_peak_gflops(device, precision)
+    peak = matmul_peak_gflops(device, precision) if gflop is not None else None  # a second of matmuls
     arithmetic = None
     if best is not None and gflop is not None and peak:
         achieved = best["images_per_s"] * gflop
