@@ -2,14 +2,13 @@
 
 A VGG16/SSD forward allocates and frees activation buffers of tens to hundreds of MB per batch.
 glibc serves those from fresh ``mmap`` regions and returns them on ``free``, so every batch pays
-page faults for memory it just gave back (measured on this project's 2-core CPU machine: 1.2x to
-2.7x slower forwards; see issue 4). With ``mmap`` off for large blocks and no heap trimming, the
-buffers stay mapped and are reused. The price is that resident memory stays at its peak, which is
-what a long-running model server holds anyway.
+page faults for memory it just gave back. With ``mmap`` off for large blocks and no heap trimming,
+the buffers stay mapped and are reused. The price is that resident memory stays at its peak, which
+is what a long-running model server holds anyway.
 
 glibc reads these variables once, at process start, so ``python -m app`` re-executes itself with
-them when they are missing. Values the user set are kept; ``VISION_ALLOCATOR_TUNING=0`` turns the
-whole thing off. Other C libraries (musl) ignore the variables: nothing is done there.
+them when they are missing. Values the user set are kept; ``VISION_ALLOCATOR_TUNING=false`` turns
+the whole thing off. Other C libraries (musl) ignore the variables: nothing is done there.
 """
 
 from __future__ import annotations
@@ -24,13 +23,10 @@ TUNING: dict[str, str] = {
     "MALLOC_MMAP_MAX_": "0",  # never serve an allocation with its own mmap
     "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30),  # never give the top of the heap back (16 GiB)
 }
-SWITCH = "VISION_ALLOCATOR_TUNING"
 
 
 def tuned_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The environment to re-execute with, or None when nothing needs to change."""
-    if environ.get(SWITCH, "1").strip().lower() in {"0", "false", "no", "off"}:
-        return None
     if platform.libc_ver()[0] != "glibc":
         return None
     missing = {name: value for name, value in TUNING.items() if name not in environ}

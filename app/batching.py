@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
@@ -60,12 +60,12 @@ class Ticket:
     Use it as a context manager: whatever was not submitted is given back on exit.
     """
 
-    def __init__(self, batcher: MicroBatcher[Any, Any], count: int) -> None:
-        self._batcher = batcher
+    def __init__(self, give_back: Callable[[int], None], count: int) -> None:
+        self._give_back = give_back
         self.unsubmitted = count
 
     def release(self) -> None:
-        self._batcher._waiting -= self.unsubmitted
+        self._give_back(self.unsubmitted)
         self.unsubmitted = 0
 
     def __enter__(self) -> Ticket:
@@ -80,14 +80,14 @@ class Ticket:
 class MicroBatcher(Generic[InT, OutT]):
     """Collects single images into batches for ``predict`` (see the module docstring).
 
-    ``predict(values) -> outputs`` must return one output per value, in order; it is only ever called
-    from the batcher's own thread.
+    ``predict(values) -> outputs`` must return one output (or :class:`ItemFailure`) per value, in
+    order; it is only ever called from the batcher's own thread.
     """
 
     def __init__(
         self,
         name: str,
-        predict: Callable[[list[InT]], Sequence[OutT]],
+        predict: Callable[[list[InT]], Sequence[OutT | ItemFailure]],
         *,
         max_batch_size: int,
         max_delay_s: float,
@@ -151,7 +151,10 @@ class MicroBatcher(Generic[InT, OutT]):
                 self._metrics.rejects.labels("OVERLOADED").inc()
             raise overloaded(self.name)
         self._waiting += count
-        return Ticket(self, count)
+        return Ticket(self._give_back, count)
+
+    def _give_back(self, count: int) -> None:
+        self._waiting -= count
 
     async def submit(
         self, values: Sequence[InT], deadline: float, ticket: Ticket | None = None

@@ -12,14 +12,14 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from app.errors import validation_error
+from app.inference import InferenceService, ModelRegistry
 from app.metrics import Metrics
-from app.service import ModelRegistry, ServiceState
 from app.settings import Settings
 
 
-async def get_state(request: Request) -> ServiceState:
-    state: ServiceState = request.app.state.service
-    return state
+async def get_service(request: Request) -> InferenceService:
+    service: InferenceService = request.app.state.service
+    return service
 
 
 async def get_settings(request: Request) -> Settings:
@@ -32,9 +32,9 @@ async def get_metrics(request: Request) -> Metrics:
     return metrics
 
 
-async def get_registry(state: Annotated[ServiceState, Depends(get_state)]) -> ModelRegistry:
+async def get_registry(service: Annotated[InferenceService, Depends(get_service)]) -> ModelRegistry:
     """The loaded models; 503 NOT_READY while they are still loading."""
-    return state.require_registry()
+    return service.require_registry()
 
 
 async def get_deadline(
@@ -63,7 +63,7 @@ async def get_deadline(
     return float(start) + budget / 1000
 
 
-StateDep = Annotated[ServiceState, Depends(get_state)]
+ServiceDep = Annotated[InferenceService, Depends(get_service)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

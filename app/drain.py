@@ -17,6 +17,8 @@ So the process is gone at most ``drain_delay_s + drain_grace_s`` (plus the batch
 the signal: orchestrators must allow more than that (Kubernetes ``terminationGracePeriodSeconds``,
 Compose ``stop_grace_period``). A second SIGTERM during the delay skips the rest of it. SIGINT
 (Ctrl+C at a terminal) skips the delay: graceful shutdown at once, a second Ctrl+C forces the exit.
+A SIGTERM before any model is warm skips the delay too: no balancer routes to such a replica.
+The server also stops when the service's start failed (``InferenceService.failure``).
 """
 
 from __future__ import annotations
@@ -26,26 +28,52 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
+
+from app.inference import InferenceService
 
 log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server whose first SIGTERM starts a drain delay before the graceful shutdown.
+    """A uvicorn server for ``app`` whose first SIGTERM starts a drain delay before the graceful
+    shutdown (the app's service is marked draining when it starts), and which stops by itself when
+    the service's start fails."""
 
-    ``on_drain`` is called once, when the delay starts (it marks the app draining).
-    """
-
-    def __init__(self, config: uvicorn.Config, *, drain_delay_s: float, on_drain: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, *, app: FastAPI, drain_delay_s: float) -> None:
         super().__init__(config)
+        self.app = app
         self.drain_delay_s = drain_delay_s
-        self.on_drain = on_drain
         self._drain_signal: int | None = None
         self._drain_started = 0.0
+
+    @property
+    def service(self) -> InferenceService | None:
+        """The app's service (set by its lifespan), or None before that."""
+        service: InferenceService | None = getattr(self.app.state, "service", None)
+        return service
+
+    @property
+    def failure(self) -> str | None:
+        """Why the service could not start, or None."""
+        service = self.service
+        return service.failure if service is not None else None
+
+    def on_drain(self) -> None:
+        service = self.service
+        if service is not None:
+            service.draining = True
+
+    def _serving_any(self) -> bool:
+        service = self.service
+        return (
+            service is not None
+            and service.registry is not None
+            and any(model.ready for model in service.registry.models.values())
+        )
 
     @property
     def draining(self) -> bool:
@@ -59,7 +87,13 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if sig == signal.SIGTERM and not self.draining and not self.should_exit and self.drain_delay_s > 0:
+        if (
+            sig == signal.SIGTERM
+            and not self.draining
+            and not self.should_exit
+            and self.drain_delay_s > 0
+            and self._serving_any()
+        ):
             self._drain_signal = sig
             self._drain_started = time.monotonic()
             self.on_drain()
@@ -75,6 +109,8 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self.failure is not None and not self.should_exit:
+            self.should_exit = True  # python -m app reports the failure and exits 1
         if (
             self._drain_signal is not None
             and not self.should_exit

@@ -53,12 +53,14 @@ def payload_too_large(limit: int) -> ApiError:
     )
 
 
-def image_too_large(width: int, height: int, limit: int) -> ApiError:
+def image_too_large(limit: int, size: tuple[int, int] | None = None, pixels: int | None = None) -> ApiError:
+    """413 for an image over ``limit`` pixels; ``size`` (width, height) or just ``pixels`` when known."""
+    if size is not None:
+        what = f"image of {size[0]}x{size[1]} = {size[0] * size[1]} pixels"
+    else:
+        what = f"image of {pixels} pixels" if pixels is not None else "image"
     return ApiError(
-        413,
-        "IMAGE_TOO_LARGE",
-        f"image of {width}x{height} = {width * height} pixels is over the limit of {limit} pixels "
-        "(VISION_MAX_IMAGE_PIXELS)",
+        413, "IMAGE_TOO_LARGE", f"{what} is over the limit of {limit} pixels (VISION_MAX_IMAGE_PIXELS)"
     )
 
 

@@ -1,34 +1,41 @@
-"""Decode uploaded bytes into an RGB image as displayed, refusing what the service must not decode.
+"""Images in: the bytes of each upload become the model's input, behind one interface.
 
-Order of checks (each before any pixel is decoded):
-1. empty bytes -> 400 INVALID_IMAGE;
-2. PIL identifies the format from the header (``Image.open`` is lazy) -> 400 when nothing does,
-   415 when it is not one of :data:`ALLOWED_FORMATS`;
-3. ``width * height`` from the header over the limit -> 413 IMAGE_TOO_LARGE, so a decompression
-   bomb never allocates (PIL's own DecompressionBombError maps to the same answer);
-4. ``load()``; a truncated or corrupt stream -> 400 (``ImageFile.LOAD_TRUNCATED_IMAGES`` stays False).
+:class:`ImageDecoder` (``VISION_JPEG_DECODE=cpu``) decodes with PIL in the decode threads and
+preprocesses there; :class:`DeviceJpegDecoder` (``device``; the default on CUDA) only reads JPEG
+headers per request and decodes the whole batch on the model's device (nvJPEG on CUDA), falling
+back to PIL for other formats and for files the device cannot read. :func:`make_decoder` picks one
+at start; the core (``app.inference``) calls ``prepare`` per request and ``stack`` per batch and
+never asks which one runs.
 
-Then EXIF orientation is applied (``ImageOps.exif_transpose``), so sizes and boxes refer to the image
-as viewers show it, and every mode becomes RGB: alpha is dropped without compositing (what
-``cv2.imread(..., IMREAD_COLOR)`` does), 16-bit grey is scaled to 8 bits (``>> 8``), 32-bit ``I`` is
-read as 16-bit data (clipped to [0, 65535]), float ``F`` as [0, 1] data when its maximum is <= 1
-and as [0, 255] data otherwise.
-
-PIL may still log its own DecompressionBombWarning for images between 89 and 179 MP when
-``max_pixels`` is raised above its default; a warning filter is process-global and not thread-safe
-to toggle per call, so it is left alone.
+:func:`decode_image` checks, in this order and before any pixel is decoded: empty bytes (400
+INVALID_IMAGE); a format PIL identifies from the header (400 when none, 415 when not one of
+:data:`ALLOWED_FORMATS`); ``width * height`` over the limit (413 IMAGE_TOO_LARGE, so a
+decompression bomb never allocates); then ``load()`` (400 when truncated or corrupt). EXIF
+orientation is applied, so sizes and boxes refer to the image as viewers show it, and every mode
+becomes RGB: alpha dropped without compositing (as ``cv2.imread(..., IMREAD_COLOR)``), 16-bit grey
+scaled to 8 bits, 32-bit ``I`` read as 16-bit data, float ``F`` as [0, 1] data when its maximum is
+<= 1 and as [0, 255] otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
 import logging
-from typing import NamedTuple
+import re
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from app.batching import is_out_of_memory
 from app.errors import ApiError, image_too_large, invalid_image, unsupported_media_type
+from models import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +73,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise invalid_image("empty image")
     try:
         image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:  # over twice PIL's own limit (raised limits only)
-        raise ApiError(413, "IMAGE_TOO_LARGE", "image is over PIL's decompression-bomb limit") from None
+    except Image.DecompressionBombError as exc:  # PIL's own check, where make_decoder has not run
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        raise image_too_large(max_pixels, pixels=int(pixels.group(1)) if pixels else None) from None
     except UnidentifiedImageError:
         raise invalid_image("not a decodable image (JPEG, PNG, WebP, BMP, GIF or TIFF)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # broken headers
@@ -78,7 +86,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         )
     width, height = image.size
     if width * height > max_pixels:
-        raise image_too_large(width, height, max_pixels)
+        raise image_too_large(max_pixels, (width, height))
     try:
         image.load()  # the first frame of GIF / MPO / multi-page TIFF
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
@@ -97,7 +105,6 @@ class JpegUpload(NamedTuple):
     data: bytes
     orientation: int  # EXIF Orientation, 1 (as stored) to 8
     size: tuple[int, int]  # (width, height) as displayed, orientation applied
-    label: str = ""  # "image N: " in a request of several images, put before an error's message
 
 
 #: JPEG colour modes the device decoders turn into RGB as PIL does (CMYK/YCCK stay on PIL).
@@ -111,7 +118,7 @@ def probe_jpeg(data: bytes, max_pixels: int) -> JpegUpload | None:
 
     Raises the same ApiError as :func:`decode_image` for empty, unidentifiable, unaccepted or
     too large images. A truncated JPEG (no EOI) goes to PIL, which refuses it with 400 as always;
-    a JPEG that the device cannot decode after all is decoded again by PIL (app.service).
+    a JPEG that the device cannot decode after all is decoded again by PIL (:class:`DeviceJpegDecoder`).
     """
     if not data:
         raise invalid_image("empty image")
@@ -125,7 +132,7 @@ def probe_jpeg(data: bytes, max_pixels: int) -> JpegUpload | None:
         return None  # MPO (several frames), CMYK, ...: PIL's path
     width, height = image.size
     if width * height > max_pixels:
-        raise image_too_large(width, height, max_pixels)
+        raise image_too_large(max_pixels, (width, height))
     orientation = _orientation(image)
     if orientation in (5, 6, 7, 8):
         width, height = height, width
@@ -174,3 +181,170 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode in ("PA", "RGBa"):
         image = image.convert("RGBA")
     return image.convert("RGB")
+
+
+# -- decoders -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One upload ready to join a batch: its size as displayed, and the preprocessed tensor
+    [3, H, W] (PIL path) or the JPEG that the batch decodes on the model's device."""
+
+    size: tuple[int, int]  # (width, height), EXIF orientation applied
+    tensor: torch.Tensor | None = None
+    jpeg: JpegUpload | None = None
+    image: Image.Image | None = None  # the decoded RGB image, when the caller keeps it (drawing)
+    label: str = ""  # "image N: " in a request of several images, put before a batch-time error
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The images of one batch that could be read, stacked on the model's device, and the errors of
+    those that could not (by position in the batch)."""
+
+    tensor: torch.Tensor | None  # [B', 3, H, W]; None when no image could be read
+    failures: dict[int, ApiError]
+
+
+class ImageDecoder:
+    """PIL: each upload is decoded and preprocessed in the decode threads (``VISION_JPEG_DECODE=cpu``)."""
+
+    def __init__(self, pool: Executor, max_pixels: int) -> None:
+        self.pool = pool
+        self.max_pixels = max_pixels
+
+    async def prepare(
+        self, uploads: Sequence[bytes], predictor: Predictor[Any, Any], *, keep_images: bool = False
+    ) -> list[PreparedImage]:
+        """Every upload, ready for ``predictor``'s batch, in order. Raises the ApiError of the first
+        image (by index) that cannot be used, its message prefixed with "image N: " in a request of
+        several images."""
+        loop = asyncio.get_running_loop()
+        decode = functools.partial(self.decode, predictor=predictor, keep_image=keep_images)
+        jobs = [loop.run_in_executor(self.pool, decode, data) for data in uploads]
+        return first_failure(await asyncio.gather(*jobs, return_exceptions=True))
+
+    def decode(self, data: bytes, predictor: Predictor[Any, Any], keep_image: bool) -> PreparedImage:
+        """One upload through PIL and the model's preprocessing (blocking: a decode thread)."""
+        image = decode_image(data, self.max_pixels)
+        return PreparedImage(
+            image.size, tensor=predictor.preprocess(image), image=image if keep_image else None
+        )
+
+    def stack(self, predictor: Predictor[Any, Any], images: Sequence[PreparedImage]) -> Batch:
+        """The batch of ``images`` on the model's device (runs in the model's inference thread)."""
+        tensors = [image.tensor for image in images if image.tensor is not None]
+        return Batch(torch.stack(tensors).to(predictor.device, non_blocking=True), {})
+
+    def warm_up(self, predictor: Predictor[Any, Any], batch_size: int) -> None:
+        """Set up what the first batch would otherwise pay for (nothing for PIL)."""
+
+
+class DeviceJpegDecoder(ImageDecoder):
+    """JPEGs are decoded in the batch on the model's device (one nvJPEG call on CUDA, no host sync);
+    per request only their headers are read, on the event loop. Other formats, CMYK JPEGs, sizes
+    the tensor path does not reproduce exactly, and images kept for drawing take PIL's path. When
+    the device fails a batch (one corrupt file fails it all), each of its JPEGs is decoded again
+    with PIL, so the good ones are answered and a bad one gets the 400 that PIL's path gives."""
+
+    async def prepare(
+        self, uploads: Sequence[bytes], predictor: Predictor[Any, Any], *, keep_images: bool = False
+    ) -> list[PreparedImage]:
+        if keep_images:
+            return await super().prepare(uploads, predictor, keep_images=True)
+        loop = asyncio.get_running_loop()
+        done: list[PreparedImage | BaseException | asyncio.Future[PreparedImage]] = []
+        for index, data in enumerate(uploads):
+            # a header probe takes microseconds: a hop to the decode pool would cost more than it saves
+            try:
+                jpeg = probe_jpeg(data, self.max_pixels)
+            except ApiError as exc:
+                done.append(exc)
+                break  # no later image can be the first failure
+            if jpeg is not None and predictor.tensor_path_ok(*jpeg.size):
+                label = f"image {index}: " if len(uploads) > 1 else ""
+                done.append(PreparedImage(jpeg.size, jpeg=jpeg, label=label))
+            else:
+                done.append(loop.run_in_executor(self.pool, self.decode, data, predictor, False))
+        futures = [item for item in done if isinstance(item, asyncio.Future)]
+        finished = iter(await asyncio.gather(*futures, return_exceptions=True))
+        return first_failure(
+            [next(finished) if isinstance(item, asyncio.Future) else item for item in done], len(uploads)
+        )
+
+    def stack(self, predictor: Predictor[Any, Any], images: Sequence[PreparedImage]) -> Batch:
+        jpegs = {i: image.jpeg for i, image in enumerate(images) if image.jpeg is not None}
+        labels = {i: image.label for i, image in enumerate(images)}
+        if not jpegs:
+            return super().stack(predictor, images)
+        tensors = {i: image.tensor for i, image in enumerate(images) if image.tensor is not None}
+        failures: dict[int, ApiError] = {}
+        try:
+            decoded = predictor.preprocess_jpegs(
+                [jpeg.data for jpeg in jpegs.values()], [jpeg.orientation for jpeg in jpegs.values()]
+            )
+            tensors.update(zip(jpegs, decoded, strict=True))
+        except (RuntimeError, ValueError) as exc:
+            if is_out_of_memory(exc):
+                raise  # the batcher splits the batch
+            log.warning(
+                "model %s: decoding %d JPEG(s) on %s failed (%s); decoding them with PIL",
+                predictor.info.name,
+                len(jpegs),
+                predictor.device,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+            for i, jpeg in jpegs.items():
+                try:
+                    tensors[i] = predictor.preprocess(decode_image(jpeg.data, self.max_pixels))
+                except ApiError as error:
+                    error.message = labels[i] + error.message
+                    failures[i] = error
+        if not tensors:
+            return Batch(None, failures)
+        device = predictor.device
+        return Batch(
+            torch.stack([tensors[i].to(device, non_blocking=True) for i in sorted(tensors)]), failures
+        )
+
+    def warm_up(self, predictor: Predictor[Any, Any], batch_size: int) -> None:
+        """The device decoder's first call sets it up (nvJPEG handles): make it now."""
+        predictor.preprocess_jpegs([blank_jpeg()] * batch_size, [1] * batch_size)
+
+
+def make_decoder(on_device: bool, pool: Executor, max_pixels: int) -> ImageDecoder:
+    """The decoder the settings ask for (``Settings.jpeg_on_device``).
+
+    PIL's own decompression-bomb check is switched off for the process: every upload's size is
+    checked against ``max_pixels`` before its pixels are decoded, and the one limit that applies,
+    with one answer (413 IMAGE_TOO_LARGE naming the size and the setting), is the service's own,
+    also when ``VISION_MAX_IMAGE_PIXELS`` is above PIL's default.
+    """
+    Image.MAX_IMAGE_PIXELS = None
+    return DeviceJpegDecoder(pool, max_pixels) if on_device else ImageDecoder(pool, max_pixels)
+
+
+def first_failure(
+    results: Sequence[PreparedImage | BaseException], count: int | None = None
+) -> list[PreparedImage]:
+    """``results`` when every one is a PreparedImage; else raise the first failure by index, its
+    message prefixed with "image N: " when the request has several images (``count``, default
+    ``len(results)``)."""
+    several = (count if count is not None else len(results)) > 1
+    for index, item in enumerate(results):
+        if isinstance(item, ApiError):
+            if several:
+                item.message = f"image {index}: {item.message}"
+            raise item
+        if isinstance(item, BaseException):
+            raise item
+    return [item for item in results if isinstance(item, PreparedImage)]
+
+
+@functools.cache
+def blank_jpeg() -> bytes:
+    """A small grey JPEG for warming up a device's JPEG decoder."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(buffer, format="JPEG")
+    return buffer.getvalue()

@@ -1,10 +1,10 @@
-"""The FastAPI application: ``create_app(settings, predictors=None)``.
+"""The FastAPI application: ``create_app(settings)``.
 
-Startup (the lifespan): with ``predictors`` given (``python -m app`` loads them before uvicorn
-starts), serving begins at once and the warm-up runs in the background; without, the models file is
-read and loaded in a worker thread first, also in the background. ``/health/live`` answers
-throughout; ``/health/ready`` is 200 only after every model ran its warm-up forwards.
-Shutdown marks the service draining (503 DRAINING), stops the batchers and the decode threads.
+The lifespan builds the :class:`~app.inference.InferenceService` and starts it: the models file is
+loaded and every model warmed up in the background while ``/health/live`` answers and
+``/health/ready`` says what it waits for (or, with ``VISION_WARM_BEFORE_LISTENING``, before the
+lifespan lets the server listen). A failed start is kept in ``service.failure``: readiness shows
+it and ``python -m app`` exits with it. Shutdown drains: queued images fail with 503 DRAINING.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -28,12 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import add_api_key_auth, add_cors
 from app.errors import ApiError, error_body
+from app.inference import InferenceService
 from app.metrics import Metrics
-from app.models_file import read_models_file
 from app.routers import health, models, predict, render, ui, v2
-from app.service import ServiceState, load_predictors, serve_models, warm_up
 from app.settings import Settings
-from models import Predictor
 
 log = logging.getLogger("app")
 access_log = logging.getLogger("app.access")
@@ -46,48 +43,24 @@ _REQUEST_ID_RE = re.compile(rf"[\x20-\x7e]{{1,{MAX_REQUEST_ID_LENGTH}}}")
 _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST", 413: "PAYLOAD_TOO_LARGE"}
 
 
-def create_app(
-    settings: Settings,
-    predictors: Sequence[Predictor] | None = None,
-    *,
-    defaults: Mapping[str, str] | None = None,
-    metrics: Metrics | None = None,
-    on_fatal: Callable[[BaseException], None] | None = None,
-    warmed: bool = False,
-) -> FastAPI:
-    """Build the service.
-
-    predictors: loaded models to serve (names from ``predictor.info.name``); None: load the models
-        listed in ``settings.models_file`` during startup.
-    defaults: task -> default model name (None: the first model of each task).
-    metrics: a Metrics to record into (``python -m app`` passes the one holding the load times).
-    on_fatal: called when loading or warm-up fails (``python -m app`` stops the server with it);
-        the app itself keeps answering ``/health/ready`` 503 with the reason.
-    warmed: the predictors already ran their warm-up (``app.service.warm_predictor``) before the
-        app was built; they are ready as soon as the batchers start.
-    """
-    metrics = metrics or Metrics()
+def create_app(settings: Settings) -> FastAPI:
+    """Build the service for ``settings`` (the models of ``settings.models_file``)."""
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = ServiceState(
-            settings=settings,
-            metrics=metrics,
-            decode_pool=ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode"),
-        )
-        app.state.service = state
-        task = asyncio.get_running_loop().create_task(_start(state, predictors, defaults, on_fatal, warmed))
-        state.background.append(task)
+        service = InferenceService(settings, metrics)
+        app.state.service = service
+        if settings.warm_before_listening:
+            started = time.perf_counter()
+            await service.start()
+            log.info("models warmed up before serving in %.1f s", time.perf_counter() - started)
+        else:
+            service.start_in_background()
         try:
             yield
         finally:
-            state.draining = True
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if state.registry is not None:
-                await asyncio.gather(*(m.batcher.stop() for m in state.registry.models.values()))
-            state.decode_pool.shutdown(wait=False, cancel_futures=True)
-            log.info("stopped")
+            await service.stop()
 
     app = FastAPI(
         title="vision-serve",
@@ -106,42 +79,13 @@ def create_app(
     app.include_router(v2.router)
     app.include_router(render.router)
     ui.add_ui(app, settings)  # the browser page at /, unless VISION_UI_ENABLED=false
-    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  # Starlette types handlers loosely
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]  # as above
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]  # as above
     add_api_key_auth(app, settings)  # inside the request context: 401s get an id, a log line, metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     add_cors(app, settings)  # outermost: preflights pass, 401s carry the CORS headers
     return app
-
-
-async def _start(
-    state: ServiceState,
-    predictors: Sequence[Predictor] | None,
-    defaults: Mapping[str, str] | None,
-    on_fatal: Callable[[BaseException], None] | None,
-    warmed: bool = False,
-) -> None:
-    """Load (when needed), start the batchers, warm up; a failure leaves the reason in readiness."""
-    settings = state.settings
-    try:
-        if predictors is None:
-            state.not_ready_reason = f"loading the models in {settings.models_file}"
-            models_file = await asyncio.to_thread(read_models_file, settings.models_file)
-            predictors = await asyncio.to_thread(load_predictors, models_file, settings, state.metrics)
-            defaults = models_file.defaults
-        registry = serve_models(predictors, dict(defaults or {}), settings, state.metrics)
-        for model in registry.models.values():
-            model.batcher.start()
-        state.registry = registry
-        await warm_up(state, already_warm=warmed and predictors is not None)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        state.not_ready_reason = f"startup failed: {exc}"
-        log.error("startup failed: %s", exc, exc_info=exc)
-        if on_fatal is not None:
-            on_fatal(exc)
 
 
 # -- errors -------------------------------------------------------------------------------------

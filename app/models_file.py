@@ -22,25 +22,15 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from models import ARCHS, FORMATS, ModelSpec
+from app.schemas import IouThreshold, MaxDetections, ScoreThreshold, TopK
+from app.settings import DEFAULT_MODELS_FILE, PUBLIC_MODELS_FILE
+from models import ModelConfigError, ModelSpec, Task
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]*$"
-
-#: Which task each known architecture serves (an entry with another task is a mistake).
-ARCH_TASKS: dict[str, str] = {
-    "vgg16": "classify",
-    "vgg16_bn": "classify",
-    "ssd300": "detect",
-    "ssd512": "detect",
-}
-
-#: Per-model request defaults that only make sense for one task.
-_CLASSIFY_ONLY = ("top_k", "resize", "crop")
-_DETECT_ONLY = ("score_threshold", "iou_threshold", "max_detections")
 
 
 class ModelsFileError(ValueError):
@@ -48,12 +38,12 @@ class ModelsFileError(ValueError):
 
 
 class _Entry(BaseModel):
-    """One ``[[models]]`` table, as written."""
+    """One ``[[models]]`` table, as written (``ModelSpec`` checks how the fields fit together)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=128)]
-    task: Literal["classify", "detect"]
+    task: Task
     arch: str
     format: str
     weights: Annotated[str, Field(min_length=1)]
@@ -63,37 +53,16 @@ class _Entry(BaseModel):
     default: bool = False
     resize: Annotated[int, Field(ge=1, le=4096)] | None = None
     crop: Annotated[int, Field(ge=1, le=4096)] | None = None
-    top_k: Annotated[int, Field(ge=1, le=1000)] | None = None
-    score_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    iou_threshold: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    max_detections: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    top_k: TopK | None = None
+    score_threshold: ScoreThreshold | None = None
+    iou_threshold: IouThreshold | None = None
+    max_detections: MaxDetections | None = None
     calibration_dir: Annotated[str, Field(min_length=1)] | None = None
 
-    @field_validator("arch")
-    @classmethod
-    def _known_arch(cls, value: str) -> str:
-        if value not in ARCHS:
-            raise ValueError(f"unknown arch {value!r}; one of {', '.join(ARCHS)}")
-        return value
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        if value not in FORMATS:
-            raise ValueError(f"unknown format {value!r}; one of {', '.join(FORMATS)}")
-        return value
-
     @model_validator(mode="after")
-    def _consistent(self) -> _Entry:
+    def _one_label_source(self) -> _Entry:
         if self.labels is not None and self.labels_file is not None:
             raise ValueError("give labels or labels_file, not both")
-        expected = ARCH_TASKS.get(self.arch)
-        if expected is not None and expected != self.task:
-            raise ValueError(f"arch {self.arch!r} is a {expected} model, but task is {self.task!r}")
-        wrong = _DETECT_ONLY if self.task == "classify" else _CLASSIFY_ONLY
-        given = [key for key in wrong if getattr(self, key) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} do(es) not apply to a {self.task} model")
         return self
 
 
@@ -161,8 +130,8 @@ def read_models_file(path: Path) -> ModelsFile:
         labels = tuple(entry.labels) if entry.labels is not None else None
         if entry.labels_file is not None:
             labels = _read_labels(folder / entry.labels_file, where)
-        specs.append(
-            ModelSpec(
+        try:
+            spec = ModelSpec(
                 name=entry.name,
                 task=entry.task,
                 arch=entry.arch,
@@ -177,10 +146,42 @@ def read_models_file(path: Path) -> ModelsFile:
                 max_detections=entry.max_detections,
                 top_k=entry.top_k,
             )
-        )
+        except ModelConfigError as exc:
+            raise ModelsFileError(f"{where}: {str(exc).removeprefix(f'model {entry.name!r}: ')}") from None
+        specs.append(spec)
     for spec in specs:  # unmarked tasks: the first model of the task is the default
         defaults.setdefault(spec.task, spec.name)
     return ModelsFile(path=path, specs=specs, defaults=defaults, calibration_dirs=calibration_dirs)
+
+
+def check_weights_exist(models_file: ModelsFile) -> None:
+    """Raises ModelsFileError naming every checkpoint file that is not there, and what to do."""
+    missing = [spec for spec in models_file.specs if not spec.weights.is_file()]
+    if missing:
+        names = ", ".join(f"{spec.name} ({spec.weights})" for spec in missing)
+        raise ModelsFileError(
+            f"{models_file.path}: checkpoint file(s) not found: {names}{how_to_get_weights(models_file.path)}"
+        )
+
+
+def how_to_get_weights(path: Path) -> str:
+    """What to do when a shipped models file's checkpoints are not there (empty for other files)."""
+    resolved = path.resolve()
+    if resolved == DEFAULT_MODELS_FILE.resolve():
+        return (
+            f"\n{path} serves the demo checkpoints committed under weights/demo/; they are part"
+            "\nof the repository, so this checkout is incomplete (git checkout -- weights/demo restores"
+            "\nthem), or point VISION_MODELS_FILE at your own models file (see weights/README.md)."
+        )
+    if resolved == PUBLIC_MODELS_FILE.resolve():
+        return (
+            f"\n{path} lists public checkpoints that are not in the repository."
+            "\nEither run (from the repository root)"
+            "\n    python weights/download.py"
+            "\nwhich needs the network and checks each file's SHA-256, or point VISION_MODELS_FILE"
+            "\nat your own models file (see weights/README.md)."
+        )
+    return ""
 
 
 def _read_labels(path: Path, where: str) -> tuple[str, ...]:

@@ -1,32 +1,114 @@
-"""Response shapes of the contract, for the OpenAPI document (/docs).
+"""The request parameters and response shapes of the contract (``docs/api.md``).
 
-The handlers build plain dicts for speed and return them as JSON; these models describe them.
+Each request parameter's limits are declared once here (``TopK``, ``ScoreThreshold``, ...) and
+reused by the routes' query models, the ``/v2`` inference parameters and the models file; the
+defaults come from ``models.ClassifyOptions`` and ``models.DetectParams``. The response models
+describe what the routes answer (the routes build the JSON themselves, for speed; the API tests
+validate every answer against these models, whose ``extra="forbid"`` catches a stray field).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from models import ClassifyOptions, DetectParams
+
+# -- request parameters: limits declared once ---------------------------------------------------
+
+TopK = Annotated[
+    int,
+    Field(
+        ge=1, le=1000, description=f"predictions per image (default {ClassifyOptions.top_k} or the model's)"
+    ),
+]
+ScoreThreshold = Annotated[
+    float,
+    Field(ge=0, le=1, description=f"lowest score (default {DetectParams.score_threshold} or the model's)"),
+]
+IouThreshold = Annotated[float, Field(gt=0, le=1, description="NMS IoU threshold (default: the model's)")]
+MaxDetections = Annotated[
+    int,
+    Field(ge=1, le=10_000, description=f"per image (default {DetectParams.max_detections} or the model's)"),
+]
+BoxFormat = Literal["xyxy", "cxcywh", "xywh"]
 
 
-class ErrorBody(BaseModel):
+class ClassifyParameters(BaseModel):
+    """A classifier's per-request options; None: not sent (the model's default applies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: TopK | None = None
+
+
+class DetectParameters(BaseModel):
+    """A detector's per-request options; None: not sent (the model's default applies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score_threshold: ScoreThreshold | None = None
+    iou_threshold: IouThreshold | None = None
+    max_detections: MaxDetections | None = None
+
+
+class BoxPresentation(BaseModel):
+    """How ``/v1`` detection answers write boxes."""
+
+    normalized: bool = Field(False, description="add box_normalized: the box divided by width/height")
+    box_format: BoxFormat = Field(
+        "xyxy", description="xyxy {x1,y1,x2,y2}, cxcywh {cx,cy,w,h}, xywh {x,y,w,h}"
+    )
+
+
+class ClassifyQuery(ClassifyParameters):
+    """``/v1/classify`` and ``/v1/classify/render``."""
+
+    model: str | None = Field(None, description="a classifier's name (default: the default classifier)")
+
+
+class DetectQuery(DetectParameters, BoxPresentation):
+    """``/v1/detect`` and ``/v1/detect/render``."""
+
+    model: str | None = Field(None, description="a detector's name (default: the default detector)")
+
+
+class PredictQuery(ClassifyParameters, DetectParameters, BoxPresentation):
+    """``/v1/models/{name}/predict``: the parameters of either task; the other task's are refused."""
+
+
+#: The query parameters each task takes on ``/v1/models/{name}/predict``.
+PREDICT_FIELDS: dict[str, frozenset[str]] = {
+    "classify": frozenset(ClassifyParameters.model_fields),
+    "detect": frozenset(DetectParameters.model_fields) | frozenset(BoxPresentation.model_fields),
+}
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(_Strict):
     error: str = Field(description="what went wrong, for people")
     code: str = Field(description="machine-readable code, e.g. INVALID_IMAGE")
     request_id: str
 
 
-class Status(BaseModel):
+class Status(_Strict):
     status: Literal["ok", "ready", "not_ready"]
     reason: str | None = None
 
 
-class ImageSize(BaseModel):
+class ImageSize(_Strict):
     width: int
     height: int
 
 
-class ModelSummary(BaseModel):
+class ModelSummary(_Strict):
     name: str
     task: Literal["classify", "detect"]
     arch: str
@@ -42,51 +124,74 @@ class ModelSummary(BaseModel):
 
 class ModelDetail(ModelSummary):
     labels: list[str] = Field(description="class_id i is labels[i]")
-    defaults: dict[str, float | int | None] = Field(description="per-model request defaults")
+    defaults: dict[str, float | int | None] = Field(
+        description="what a request gets for each parameter of the model's task that it does not send"
+    )
 
 
-class ModelList(BaseModel):
+class ModelList(_Strict):
     models: list[ModelSummary]
 
 
-class Prediction(BaseModel):
+class Prediction(_Strict):
     label: str
     class_id: int
     score: float = Field(ge=0, le=1)
 
 
-class Detection(BaseModel):
+class BoxXYXY(_Strict):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class BoxCXCYWH(_Strict):
+    cx: float
+    cy: float
+    w: float
+    h: float
+
+
+class BoxXYWH(_Strict):
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+Box = BoxXYXY | BoxCXCYWH | BoxXYWH
+
+
+class Detection(_Strict):
     label: str
     class_id: int
     score: float = Field(ge=0, le=1)
-    box: dict[str, float] = Field(
-        description="pixels of the displayed image: {x1,y1,x2,y2} (xyxy), {cx,cy,w,h} (cxcywh) "
-        "or {x,y,w,h} (xywh)"
-    )
-    box_normalized: dict[str, float] | None = Field(
+    box: Box = Field(description="pixels of the displayed image, in the request's box_format")
+    box_normalized: Box | None = Field(
         None, description="the box divided by the image width/height (only with ?normalized=true)"
     )
 
 
-class ClassifyResult(BaseModel):
+class ClassifyResult(_Strict):
     index: int
     image: ImageSize
     predictions: list[Prediction]
 
 
-class DetectResult(BaseModel):
+class DetectResult(_Strict):
     index: int
     image: ImageSize
     detections: list[Detection]
 
 
-class ClassifyResponse(BaseModel):
+class ClassifyResponse(_Strict):
     request_id: str
     model: str
     results: list[ClassifyResult]
 
 
-class DetectResponse(BaseModel):
+class DetectResponse(_Strict):
     request_id: str
     model: str
     results: list[DetectResult]

@@ -1,7 +1,8 @@
 """Service settings, read from ``VISION_*`` environment variables and an optional ``.env``.
 
-Bad values stop the start (``python -m app`` prints the pydantic message and exits 2). Nothing
-here runs at import time: build ``Settings()`` where the service starts.
+Every variable the service reads goes through :class:`Settings`. Bad values, and a ``VISION_*``
+variable that is not a setting (a misspelling would otherwise be ignored), stop the start:
+``python -m app`` prints the message and exits 2. Nothing here runs at import time.
 
 ``precision="auto"`` picks bf16 where the hardware does it natively -- a CUDA device that reports
 bf16 support, or a CPU with AMX or AVX512-BF16 (``/proc/cpuinfo`` flags ``amx_bf16`` /
@@ -12,8 +13,10 @@ entry's ``calibration_dir``); without calibration images the start stops.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -22,8 +25,15 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+PREFIX = "VISION_"
+#: The default models file: the small demo checkpoints committed under ``weights/demo/``.
+DEFAULT_MODELS_FILE = Path("weights/models.toml")
+#: The public checkpoints' models file; ``weights/download.py`` fetches its checkpoints.
+PUBLIC_MODELS_FILE = Path("weights/public.toml")
 
-_DEVICE_RE = re.compile(r"auto|cpu|cuda(:\d+)?")
+#: ``VISION_*`` variables that belong to the deployment files (docker compose reads them from the
+#: shell to fill in deploy/ and docker-compose.yml), not to the service.
+DEPLOYMENT_VARIABLES = frozenset({"VISION_HOST_PORT", "VISION_TORCH_INDEX", "VISION_IMAGE", "VISION_2_GPU"})
 
 
 def _default_decode_threads() -> int:
@@ -34,11 +44,11 @@ class Settings(BaseSettings):
     """All settings of the service; each field is ``VISION_<NAME>`` in the environment."""
 
     model_config = SettingsConfigDict(
-        env_prefix="VISION_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+        env_prefix=PREFIX, env_file=".env", env_file_encoding="utf-8", extra="forbid", frozen=True
     )
 
     models_file: Path = Field(
-        default=Path("weights/models.toml"), description="TOML list of the served models"
+        default=DEFAULT_MODELS_FILE, description="TOML list of the served models"
     )
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
     precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = Field(
@@ -123,13 +133,34 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_json: bool = Field(default=False, description="one JSON object per log line")
+    allocator_tuning: bool = Field(
+        default=True,
+        description="re-execute the start with glibc malloc tuned for large activation buffers "
+        "(app/allocator.py); false leaves the allocator as it is",
+    )
+    warm_before_listening: bool = Field(
+        default=False,
+        description="load and warm up every model before the socket opens (a restarted worker does); "
+        "by default the socket opens first and /health/ready answers 503 until the models are warm",
+    )
+    worker_slot: int | None = Field(
+        default=None,
+        ge=0,
+        description="set by the VISION_WORKERS supervisor for each worker process (not for users): "
+        "the worker listens on its own SO_REUSEPORT socket",
+    )
 
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
-        if not _DEVICE_RE.fullmatch(value):
-            raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r}")
+        if value != "auto":
+            from models import ModelConfigError, check_device_name  # torch: only for a named device
+
+            try:
+                check_device_name(value)
+            except ModelConfigError:
+                raise ValueError(f"must be auto, cpu, cuda or cuda:N, not {value!r}") from None
         return value
 
     @field_validator("log_level", mode="before")
@@ -137,13 +168,19 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-
     @model_validator(mode="after")
     def _check_int8(self) -> Settings:
         if self.precision == "int8" and self.device.startswith("cuda"):
             raise ValueError(
                 "precision int8 runs on the CPU only (x86 quantized kernels); on CUDA use fp16 or bf16"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        unknown = unknown_variables(os.environ)
+        if unknown:
+            raise ValueError("; ".join(unknown))
         return self
 
     @model_validator(mode="after")
@@ -157,23 +194,20 @@ class Settings(BaseSettings):
 
     @cached_property
     def torch_device(self) -> str:
-        """The device models load on: ``auto`` resolved, CUDA availability checked.
+        """The device models load on: ``auto`` resolved, the name and CUDA availability checked.
 
-        Raises ValueError when CUDA was asked for and is not there.
+        Raises ValueError (``models.ModelConfigError``) for an unknown name or a missing GPU.
         """
         import torch
 
+        from models import ModelConfigError, resolve_device
+
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError(f"VISION_DEVICE={self.device} but CUDA is not available on this machine")
-            index = int(self.device.partition(":")[2] or 0)
-            if index >= torch.cuda.device_count():
-                raise ValueError(
-                    f"VISION_DEVICE={self.device} but only {torch.cuda.device_count()} CUDA device(s) exist"
-                )
-        return self.device
+        try:
+            return str(resolve_device(self.device))
+        except ModelConfigError as exc:
+            raise ValueError(f"VISION_DEVICE: {exc}") from None
 
     @cached_property
     def torch_precision(self) -> Literal["fp32", "bf16", "fp16"]:
@@ -215,6 +249,18 @@ class Settings(BaseSettings):
     @property
     def resolved_torch_threads(self) -> int:
         return self.torch_threads or os.cpu_count() or 1
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``VISION_*`` name in ``environ`` that is no setting, with the closest one."""
+    known = {PREFIX + name.upper() for name in Settings.model_fields}
+    messages = []
+    for name in sorted(environ):
+        if name.upper().startswith(PREFIX) and name.upper() not in known | DEPLOYMENT_VARIABLES:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            messages.append(f"{name} is not a setting{hint}")
+    return messages
 
 
 def _split_list(text: str) -> tuple[str, ...]:

@@ -47,17 +47,9 @@ async def read_uploads(request: Request, max_body_bytes: int, max_files: int) ->
     Raises ApiError: 413 PAYLOAD_TOO_LARGE / TOO_MANY_FILES, 415 UNSUPPORTED_MEDIA_TYPE,
     422 VALIDATION_ERROR (bad JSON, base64 or multipart), 400 INVALID_IMAGE (empty raw body).
     """
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise validation_error("Content-Length is not a number") from None
-        if size > max_body_bytes:
-            raise payload_too_large(max_body_bytes)
+    chunks = body_chunks(request, max_body_bytes)
     media_type, options = parse_options_header(request.headers.get("content-type"))
     kind = media_type.decode("latin-1").lower()
-    chunks = _limited(request, max_body_bytes)
     if kind == "multipart/form-data":
         boundary = options.get(b"boundary")
         if not boundary:
@@ -76,8 +68,26 @@ async def read_uploads(request: Request, max_body_bytes: int, max_files: int) ->
     raise unsupported_media_type(f"Content-Type {shown} is not accepted; {_FORMS_HINT}")
 
 
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, at most ``limit`` bytes (413 PAYLOAD_TOO_LARGE as in :func:`body_chunks`)."""
+    return await _collect(body_chunks(request, limit))
+
+
+def body_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body's chunks as they arrive. 413 PAYLOAD_TOO_LARGE when ``Content-Length`` declares more
+    than ``limit`` bytes (raised here, before anything is read), or as soon as more arrived."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise validation_error("Content-Length is not a number") from None
+        if size > limit:
+            raise payload_too_large(limit)
+    return _limited(request, limit)
+
+
 async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The body's chunks; raises 413 as soon as more than ``limit`` bytes arrived."""
     received = 0
     try:
         async for chunk in request.stream():

@@ -1,37 +1,22 @@
 """``VISION_WORKERS=N``: N serving processes on one port, and their supervisor.
 
-One Python process tops out at two or three cores of request handling (HTTP parsing, multipart,
-JSON, the event loop), far below what one GPU can infer. With ``N > 1`` the process that
-``python -m app`` started reserves the address, then runs ``N`` copies of itself (``--reuse-port``),
-each listening on the same port with ``SO_REUSEPORT`` (:func:`bind_socket`). Every worker is the
-ordinary single-process service: it loads its own models (on a GPU: N copies, each a few hundred
-MB for VGG16/SSD300 in fp16), warms up, batches its own requests and drains on SIGTERM. The kernel
-hands each new connection to one of the workers' sockets, by a hash of the connection's addresses.
+One Python process handles HTTP (parsing, multipart, JSON) on two or three cores, far less than one
+GPU can infer. With ``N > 1``, ``python -m app`` reserves the address and runs ``N`` copies of
+itself (``VISION_WORKER_SLOT`` set in each), each an ordinary single-process service with its own
+copy of the models, listening on its own ``SO_REUSEPORT`` socket: the kernel spreads new
+connections over the sockets by a hash of their addresses.
 
-The supervisor (this module) imports no torch and serves nothing. It:
+The supervisor imports no torch and serves nothing. It passes SIGTERM and SIGINT on to every worker
+and waits for them to drain, then exits as a single process would; it restarts a worker that dies
+of a signal, unless more than :data:`MAX_RESTARTS` died within :data:`RESTART_WINDOW_S` (then it
+stops them all and exits 1); and it stops everything when a worker exits with status 1 or 2 (a
+start failure every worker would repeat). A restarted worker warms up before it listens
+(``VISION_WARM_BEFORE_LISTENING``), so it never answers 503 NOT_READY while the others are ready.
 
-- forwards SIGTERM and SIGINT to every worker and waits for them (each drains: ``VISION_DRAIN_*``),
-  then exits the way a single process would (by the same signal);
-- restarts a worker that dies of a signal (killed, out of memory, crashed), unless workers died
-  more than :data:`MAX_RESTARTS` times within :data:`RESTART_WINDOW_S` (then it stops them all and
-  exits 1: a crash loop needs a person, or the orchestrator's restart policy);
-- stops everything and exits with the worker's status when a worker exits with status 1 or 2 (a
-  models file or checkpoint it cannot load, a failed warm-up, bad settings: every worker would fail
-  the same way; its message is on stderr, which the workers share).
-
-At the first start every worker serves while it warms up (readiness 503 meanwhile, as a single
-process). A restarted worker warms up before it listens (``--warm-first``), so it never answers
-``503 NOT_READY`` while the others are ready. The price of a socket per worker: when a worker
-dies, the connections waiting in its accept queue, and new ones that reach its socket before the
-kernel has closed the dead process's files (a fraction of a second), are reset, where a shared
-socket handed them to the other workers. The kernel migrates them instead where the host sets
-``net.ipv4.tcp_migrate_req=1`` (Linux 5.14+). Requests the dead worker was running are lost either
-way.
-
-Not shared between workers: the batch queue (``VISION_MAX_QUEUE_IMAGES`` is per worker) and the
-metrics (``/metrics`` shows the worker that answered; scrape each replica's workers with their
-``worker`` label in the logs, or run one worker per replica where per-process series matter).
-On the CPU, workers split the cores: each gets ``VISION_TORCH_THREADS`` = cores / N unless set.
+The price of a socket per worker: the connections waiting in a dead worker's accept queue are reset
+(``net.ipv4.tcp_migrate_req=1``, Linux 5.14+, migrates them instead). The batch queue
+(``VISION_MAX_QUEUE_IMAGES``) and the metrics are per worker. On the CPU, workers split the cores:
+each gets ``VISION_TORCH_THREADS`` = cores / N unless it is set.
 """
 
 from __future__ import annotations
@@ -89,12 +74,16 @@ def bind_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
     return sock
 
 
-def worker_environ(environ: dict[str, str], workers: int, slot: int) -> dict[str, str]:
-    """A worker's environment: one worker each (no recursion), its slot, and a share of the CPU
-    threads unless ``VISION_TORCH_THREADS`` is set."""
+def worker_environ(
+    environ: dict[str, str], workers: int, slot: int, *, restart: bool = False
+) -> dict[str, str]:
+    """A worker's environment: one worker each (no recursion), its slot, a share of the CPU threads
+    unless ``VISION_TORCH_THREADS`` is set, and for a restarted worker a warm-up before it listens."""
     env = dict(environ)
     env["VISION_WORKERS"] = "1"
     env["VISION_WORKER_SLOT"] = str(slot)
+    if restart:
+        env["VISION_WARM_BEFORE_LISTENING"] = "true"
     if not env.get("VISION_TORCH_THREADS"):
         env["VISION_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     return env
@@ -116,10 +105,8 @@ class Supervisor:
     def spawn(self, slot: int, *, restart: bool = False) -> None:
         """Start worker ``slot``. A restarted one warms up before it takes connections (the others
         serve meanwhile); at the first start all warm up while serving, answering readiness 503."""
-        argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port), "--reuse-port"]
-        if restart:
-            argv.append("--warm-first")
-        env = worker_environ(dict(os.environ), self.count, slot)
+        argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port)]
+        env = worker_environ(dict(os.environ), self.count, slot, restart=restart)
         process = subprocess.Popen(argv, env=env)
         self.workers[slot] = process
         log.info("worker %d started (pid %d)", slot, process.pid)

@@ -7,13 +7,13 @@ Callers use the names exported here:
                      weights=Path("ssd300_mAP_77.43_v2.pth"), labels=VOC_CLASSES)
     det = load_model(spec, device="cuda", precision="fp32")        # -> Detector
     batch = torch.stack([det.preprocess(img) for img in rgb_pil_images])
-    outs = det.predict(batch, image_sizes=[img.size for img in rgb_pil_images],
-                       params=[DetectParams(score_threshold=0.5)] * len(rgb_pil_images))
+    outs = det.run(batch, [img.size for img in rgb_pil_images],
+                   [DetectParams(score_threshold=0.5)] * len(rgb_pil_images))
 """
 
 from models.errors import CheckpointError, ModelConfigError
 from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
-from models.predictors import Classifier, Detector, Predictor, load_model
+from models.predictors import Classifier, Detector, Predictor, check_device_name, load_model, resolve_device
 from models.quantize import (
     agreement_report,
     load_calibration_images,
@@ -22,8 +22,12 @@ from models.quantize import (
     quantize_predictor_with_report,
 )
 from models.types import (
+    ARCH_TASKS,
     ARCHS,
+    DEVICE_PATTERN,
     FORMATS,
+    TASK_OPTIONS,
+    ClassifyOptions,
     ClassifyOutput,
     DetectOutput,
     DetectParams,
@@ -35,12 +39,16 @@ from models.types import (
 
 __all__ = [
     "ARCHS",
+    "ARCH_TASKS",
     "COCO_CATEGORIES",
+    "DEVICE_PATTERN",
     "FORMATS",
     "IMAGENET_CATEGORIES",
+    "TASK_OPTIONS",
     "VOC_CLASSES",
     "CheckpointError",
     "Classifier",
+    "ClassifyOptions",
     "ClassifyOutput",
     "DetectOutput",
     "DetectParams",
@@ -52,9 +60,11 @@ __all__ = [
     "Predictor",
     "Task",
     "agreement_report",
+    "check_device_name",
     "load_calibration_images",
     "load_model",
     "quantize_int8",
     "quantize_predictor",
     "quantize_predictor_with_report",
+    "resolve_device",
 ]

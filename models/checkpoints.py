@@ -84,7 +84,7 @@ from models.ssd import (
     describe_ssd_state_dict,
     torchvision_to_book,
 )
-from models.types import ARCHS, FORMATS, ModelSpec, Task
+from models.types import ARCHS, ModelSpec, Task
 from models.vgg import VGG_BUILDERS, describe_vgg_state_dict
 
 __all__ = [
@@ -309,25 +309,6 @@ class BuiltModel:
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _check_spec(spec: ModelSpec) -> None:
-    if spec.task not in ("classify", "detect"):
-        raise ModelConfigError(f"model {spec.name!r}: unknown task {spec.task!r}; use 'classify' or 'detect'")
-    if spec.arch not in ARCHS:
-        raise ModelConfigError(f"model {spec.name!r}: unknown arch {spec.arch!r}; known: {', '.join(ARCHS)}")
-    if spec.format not in FORMATS:
-        raise ModelConfigError(
-            f"model {spec.name!r}: unknown format {spec.format!r}; known: {', '.join(FORMATS)}"
-        )
-    arch_task = "detect" if spec.arch.startswith("ssd") else "classify"
-    if arch_task != spec.task:
-        kind = "detector" if arch_task == "detect" else "classifier"
-        raise ModelConfigError(f"model {spec.name!r}: arch {spec.arch!r} is a {kind}; task = {spec.task!r}")
-    for name in ("resize", "crop"):
-        value = getattr(spec, name)
-        if value is not None and (spec.task != "classify" or value < 1):
-            raise ModelConfigError(f"model {spec.name!r}: {name} = {value} applies to classifiers only, >= 1")
-
-
 def build_model(spec: ModelSpec, map_location: str | torch.device = "cpu") -> BuiltModel:
     """Read ``spec.weights`` and build the network it describes, checked against ``spec``.
 
@@ -335,7 +316,6 @@ def build_model(spec: ModelSpec, map_location: str | torch.device = "cpu") -> Bu
     CheckpointError for a file that cannot serve it (see the module docstring for the layouts).
     The model is in eval mode, float32, on ``map_location``.
     """
-    _check_spec(spec)
     path = Path(spec.weights)
     obj, digest = read_checkpoint(path, map_location, spec.sha256)
     layout = detect_layout(obj)

@@ -1,22 +1,21 @@
 """Batch-first wrappers the service calls: :class:`Classifier`, :class:`Detector`, :func:`load_model`.
 
-Callers (``app/``) go through three steps, and the model code never sees a request:
+A caller preprocesses each image (PIL RGB -> FloatTensor[3, H, W]), stacks them, and calls
+``run(batch, sizes, options)``: one forward pass for the whole batch (eval and inference mode,
+channels_last, weights in the chosen precision), post-processing batched on the device, one output
+per image on the CPU. Both wrappers share that signature, so a caller never asks which task it has.
 
-1. ``preprocess(image)`` per image (PIL RGB -> FloatTensor[3, H, W] on the CPU);
-2. ``torch.stack`` the tensors into a batch;
-3. ``predict(batch, ...)``: ONE forward pass for the whole batch (eval mode, inference mode,
-   channels_last, weights in the chosen precision), post-processing batched on the device, one
-   output per image on the CPU.
-
-Precision: ``fp32`` (default, exact answers; loading an fp32 model on CUDA switches cuDNN's TF32
-off for the process), ``bf16`` or ``fp16`` (weights and inputs cast; scores, decoding and NMS
-still run in float32). fp16 on the CPU works but is slow.
+Precision: ``fp32`` (exact answers; on CUDA it switches cuDNN's TF32 off for the process), ``bf16``
+or ``fp16`` (weights and inputs cast; scores, decoding and NMS still in float32).
 """
 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, replace
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +27,42 @@ from models.detect import PostprocessConfig, postprocess
 from models.errors import ModelConfigError
 from models.preprocess import ClassifierTransform, SSDTransform, apply_exif_orientation, decode_jpegs
 from models.ssd import SSDConfig
-from models.types import ClassifyOutput, DetectOutput, DetectParams, ModelInfo, ModelSpec, Precision, Task
+from models.types import (
+    DEVICE_PATTERN,
+    ClassifyOptions,
+    ClassifyOutput,
+    DetectOutput,
+    DetectParams,
+    ModelInfo,
+    ModelSpec,
+    Precision,
+    Task,
+)
 
-__all__ = ["DTYPES", "Classifier", "Detector", "Predictor", "load_model", "resolve_device"]
+__all__ = [
+    "DTYPES",
+    "Classifier",
+    "Detector",
+    "Predictor",
+    "check_device_name",
+    "load_model",
+    "resolve_device",
+]
 
 #: precision name -> weight / input dtype
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_DEVICE = re.compile(DEVICE_PATTERN)
+
+#: A predictor's per-image options and per-image output.
+OptT = TypeVar("OptT", ClassifyOptions, DetectParams)
+OutT = TypeVar("OutT", ClassifyOutput, DetectOutput)
+
+
+def check_device_name(name: str) -> str:
+    """``name`` when it is ``cpu``, ``cuda`` or ``cuda:N``; else ModelConfigError."""
+    if not _DEVICE.fullmatch(name):
+        raise ModelConfigError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    return name
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -42,9 +70,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
     Raises ModelConfigError for other names, when CUDA is not available, or N is out of range.
     """
-    name = str(device).strip()
-    if not _DEVICE.match(name):
-        raise ModelConfigError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'")
+    name = check_device_name(str(device).strip())
     dev = torch.device(name)
     if dev.type == "cpu":
         return dev
@@ -61,19 +87,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
-class Predictor:
+class Predictor(ABC, Generic[OptT, OutT]):
     """What both wrappers share: the model on its device and dtype, its preprocessing and info.
 
     Attributes: ``info`` (ModelInfo), ``device``, ``dtype``, ``task``, ``model`` (nn.Module in eval
-    mode), ``transform`` (the preprocessing).
+    mode), ``transform`` (the preprocessing), ``default_options`` (what a request gets for the
+    options it does not send: the models file's values, else the checkpoint's, else the contract's).
     """
 
     task: Task
 
-    def __init__(self, built: BuiltModel, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        built: BuiltModel,
+        info: ModelInfo,
+        device: torch.device,
+        dtype: torch.dtype,
+        default_options: OptT,
+    ) -> None:
         self.info = info
         self.device = device
         self.dtype = dtype
+        self.default_options: OptT = default_options
         self.transform: ClassifierTransform | SSDTransform = built.transform
         model = built.model.to(device=device, dtype=dtype)
         self.model: nn.Module = model.to(memory_format=torch.channels_last)
@@ -105,7 +140,13 @@ class Predictor:
             ]
         )
 
-    def _forward(self, batch: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    @abstractmethod
+    def run(self, batch: Tensor, sizes: Sequence[tuple[int, int]], options: Sequence[OptT]) -> list[OutT]:
+        """batch (FloatTensor[B, 3, H, W]) from :meth:`preprocess`, each image's displayed (width,
+        height) and options -> B outputs on the CPU, in order."""
+
+    def forward(self, batch: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """The network on a preprocessed batch, in this predictor's device, dtype and layout."""
         height, width = self._input_size
         if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, height, width) or batch.shape[0] < 1:
             raise ValueError(
@@ -116,19 +157,15 @@ class Predictor:
         out: Tensor | tuple[Tensor, Tensor] = self.model(x)
         return out
 
-    def _warm_once(self, batch_size: int) -> None:
-        raise NotImplementedError
-
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> None:
         """One forward (and post-processing) per batch size on a blank batch, so that the first
         request does not pay for lazy initialisation (CUDA context, cuDNN algorithm choice)."""
+        height, width = self._input_size
         for size in batch_sizes:
-            self._warm_once(int(size))
+            blank = torch.zeros(size, 3, height, width)
+            self.run(blank, [(width, height)] * size, [self.default_options] * size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def _blank(self, batch_size: int) -> Tensor:
-        return torch.zeros(batch_size, 3, *self._input_size)
 
     def __repr__(self) -> str:
         info = self.info
@@ -138,7 +175,7 @@ class Predictor:
         )
 
 
-class Classifier(Predictor):
+class Classifier(Predictor[ClassifyOptions, ClassifyOutput]):
     """VGG16 classifier: logits -> softmax probabilities -> top-k."""
 
     task: Task = "classify"
@@ -148,29 +185,31 @@ class Classifier(Predictor):
         """batch (FloatTensor[B, 3, H, W]) from :meth:`preprocess` -> B outputs on the CPU.
 
         ``top_k``: one k for all images or one per image; k larger than the number of classes
-        gives all classes. Scores are softmax probabilities (float32), descending.
+        gives all classes. Scores are softmax probabilities (float32, clipped to [0, 1] where a
+        low-precision softmax overshoots by an ulp), descending.
         """
         ks = [top_k] * batch.shape[0] if isinstance(top_k, int) else [int(k) for k in top_k]
         if len(ks) != batch.shape[0] or min(ks, default=1) < 1:
             raise ValueError(f"top_k: one k >= 1 or one per image; got {top_k!r} for {batch.shape[0]} images")
-        logits = self._forward(batch)
+        logits = self.forward(batch)
         assert isinstance(logits, Tensor)
-        probs = F.softmax(logits.float(), dim=1)  # (B, C)
+        probs = F.softmax(logits.float(), dim=1).clamp_(0.0, 1.0)  # (B, C)
         num_classes = probs.shape[1]
         scores, ids = probs.topk(min(max(ks), num_classes), dim=1)  # (B, k) each, descending
         scores, ids = scores.cpu(), ids.cpu()
-        outputs = [
+        return [
             ClassifyOutput(scores=scores[i, : min(k, num_classes)], class_ids=ids[i, : min(k, num_classes)])
             for i, k in enumerate(ks)
         ]
-        assert len(outputs) == batch.shape[0]
-        return outputs
 
-    def _warm_once(self, batch_size: int) -> None:
-        self.predict(self._blank(batch_size), top_k=1)
+    def run(
+        self, batch: Tensor, sizes: Sequence[tuple[int, int]], options: Sequence[ClassifyOptions]
+    ) -> list[ClassifyOutput]:
+        """:meth:`predict` with each image's ``top_k`` (a classifier needs no image size)."""
+        return self.predict(batch, top_k=[o.top_k for o in options])
 
 
-class Detector(Predictor):
+class Detector(Predictor[DetectParams, DetectOutput]):
     """SSD detector: head outputs -> decoded, suppressed boxes in pixels of the original images.
 
     ``ssd_config`` gives the default boxes (``priors``, FloatTensor[A, 4] cxcywh on the device),
@@ -180,8 +219,15 @@ class Detector(Predictor):
 
     task: Task = "detect"
 
-    def __init__(self, built: BuiltModel, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(built, info, device, dtype)
+    def __init__(
+        self,
+        built: BuiltModel,
+        info: ModelInfo,
+        device: torch.device,
+        dtype: torch.dtype,
+        default_options: DetectParams,
+    ) -> None:
+        super().__init__(built, info, device, dtype, default_options)
         assert built.ssd_config is not None and built.priors is not None and built.postprocess is not None
         self.ssd_config: SSDConfig = built.ssd_config
         self.priors: Tensor = built.priors.to(device=device, dtype=torch.float32)
@@ -204,10 +250,10 @@ class Detector(Predictor):
                 f"a batch of {batch.shape[0]} needs as many image_sizes and params, "
                 f"got {len(image_sizes)} and {len(params)}"
             )
-        out = self._forward(batch)
+        out = self.forward(batch)
         assert isinstance(out, tuple)
         loc, conf = out
-        outputs = postprocess(
+        return postprocess(
             loc,
             conf,
             self.priors,
@@ -217,24 +263,12 @@ class Detector(Predictor):
             self.class_offset,
             self.ssd_config.variances,
         )
-        assert len(outputs) == batch.shape[0]
-        return outputs
 
-    def _warm_once(self, batch_size: int) -> None:
-        height, width = self._input_size
-        self.predict(self._blank(batch_size), [(width, height)] * batch_size, [DetectParams()] * batch_size)
-
-
-def _defaults(spec: ModelSpec, built: BuiltModel) -> dict[str, float | int | None]:
-    """Per-model request defaults: the spec's values that are set; detectors always carry
-    ``iou_threshold`` (the spec's, else the model's own NMS threshold)."""
-    names = ("top_k",) if built.task == "classify" else ("score_threshold", "iou_threshold", "max_detections")
-    defaults: dict[str, float | int | None] = {
-        name: getattr(spec, name) for name in names if getattr(spec, name) is not None
-    }
-    if built.task == "detect" and built.postprocess is not None:
-        defaults.setdefault("iou_threshold", built.postprocess.nms_iou)
-    return defaults
+    def run(
+        self, batch: Tensor, sizes: Sequence[tuple[int, int]], options: Sequence[DetectParams]
+    ) -> list[DetectOutput]:
+        """:meth:`predict`."""
+        return self.predict(batch, sizes, options)
 
 
 def load_model(
@@ -264,7 +298,13 @@ def load_model(
         dtype=str(dtype).removeprefix("torch."),
         input_size=built.transform.input_size,
         sha256=built.sha256,
-        defaults=_defaults(spec, built),
     )
-    wrapper = Classifier if built.task == "classify" else Detector
-    return wrapper(built, info, dev, dtype)
+    given = spec.request_defaults()
+    if built.task == "classify":
+        options = replace(ClassifyOptions(), **given)
+        info.defaults = asdict(options)
+        return Classifier(built, info, dev, dtype, options)
+    assert built.postprocess is not None
+    params = replace(DetectParams(iou_threshold=built.postprocess.nms_iou), **given)
+    info.defaults = asdict(params)
+    return Detector(built, info, dev, dtype, params)

@@ -105,7 +105,7 @@ class ClassifierTransform:
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"expected a uint8 tensor (3, H, W), got {image.dtype} {list(image.shape)}")
         resized = TF.resize(image, [self.resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        cropped = TF.center_crop(resized, [self.crop])
+        cropped: Tensor = TF.center_crop(resized, [self.crop])
         if image.device not in self._on_device:  # copied once per device, not once per image
             self._on_device[image.device] = (self._mean.to(image.device), self._std.to(image.device))
         mean, std = self._on_device[image.device]

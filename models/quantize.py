@@ -35,6 +35,7 @@ CPU only: the quantized kernels are the CPU's (fbgemm / oneDNN); a CUDA model is
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from models.predictors import Predictor
 
 #: a Classifier or a Detector: :func:`quantize_predictor` returns what it was given
-P = TypeVar("P", bound="Predictor")
+P = TypeVar("P", bound="Predictor[Any, Any]")
 
 __all__ = [
     "BACKEND",
@@ -302,7 +303,7 @@ def quantize_predictor(predictor: P, images: Sequence[Image.Image], batch_size: 
     batches = [b.contiguous(memory_format=torch.channels_last)
                for b in calibration_batches(images, predictor.preprocess, batch_size)]
     predictor.model = quantize_int8(predictor.model, batches, example=batches[0])
-    predictor.info.dtype = "int8"
+    predictor.info = dataclasses.replace(predictor.info, dtype="int8")  # info may be shared with a copy
     return predictor
 
 
@@ -321,7 +322,7 @@ def quantize_predictor_with_report(predictor: P, images: Sequence[Image.Image], 
     return predictor, agreement_report(reference, candidate)
 
 
-def _reference_outputs(predictor: Predictor, images: Sequence[Image.Image],
+def _reference_outputs(predictor: Predictor[Any, Any], images: Sequence[Image.Image],
                        batch_size: int) -> Tensor | list[DetectOutput]:
     """Logits (classifier) or every detection above 0.01 (detector) of ``predictor`` on ``images``."""
     from models.predictors import Detector  # the predictors module imports nothing from here

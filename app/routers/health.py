@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.deps import MetricsDep, StateDep
+from app.deps import MetricsDep, ServiceDep
 from app.errors import RETRY_AFTER_SECONDS
 from app.schemas import Status
 
@@ -20,11 +20,11 @@ async def live() -> JSONResponse:
 
 
 @router.get("/health/ready", response_model=Status, responses={503: {"model": Status}})
-async def ready(state: StateDep) -> JSONResponse:
+async def ready(service: ServiceDep) -> JSONResponse:
     """200 once every model is loaded and warmed up; 503 with the reason before that and while draining."""
-    if state.ready:
+    if service.ready:
         return JSONResponse({"status": "ready"})
-    reason = "draining: the server is shutting down" if state.draining else state.not_ready_reason
+    reason = "draining: the server is shutting down" if service.draining else service.not_ready_reason
     return JSONResponse(
         {"status": "not_ready", "reason": reason},
         status_code=503,

@@ -7,13 +7,13 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.deps import RegistryDep
+from app.inference import AnyModel
 from app.schemas import ErrorBody, ModelDetail, ModelList
-from app.service import ServedModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def describe(model: ServedModel, *, detail: bool = False) -> dict[str, Any]:
+def describe(model: AnyModel, *, detail: bool = False) -> dict[str, Any]:
     """The contract's model fields (``labels`` and ``defaults`` only in the detail view)."""
     info = model.predictor.info
     height, width = info.input_size

@@ -1,7 +1,7 @@
 """``POST /v1/detect/render`` and ``POST /v1/classify/render``: the answer drawn on the image.
 
 The same inputs, query parameters, defaults, limits and errors as ``/v1/detect`` and
-``/v1/classify`` (the same code path: ``app.routers.predict.run_model``), for ONE image: a second
+``/v1/classify`` (the same code path: ``app.routers.predict.run_request``), for ONE image: a second
 image is refused with 413 ``TOO_MANY_FILES``, as the batch limit is, and for the same reason (the
 body holds more images than this endpoint takes; a multipart body stops being read at the second
 ``file`` part). The answer is the image as displayed (EXIF orientation applied) with the boxes or
@@ -13,14 +13,15 @@ error body. Headers: ``X-Request-ID`` (as everywhere), ``X-Model``, and ``X-Dete
 
 from __future__ import annotations
 
-import asyncio
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 
-from app.deps import DeadlineDep, RegistryDep, StateDep
+from app.deps import DeadlineDep, RegistryDep, ServiceDep
 from app.errors import ApiError
+from app.inference import ImageResult, InferenceService, ServedModel
 from app.render import (
     RENDER_TYPES,
     DrawnBox,
@@ -30,10 +31,12 @@ from app.render import (
     encode,
     negotiate,
 )
-from app.routers.predict import ClassifyByDefault, DetectByDefault, ModelRun, _probability, run_model
-from app.schemas import ERROR_RESPONSES, IMAGE_REQUEST_BODY, ErrorBody
-from app.service import ServedModel, ServiceState
-from models import ClassifyOutput, DetectOutput
+from app.routers.predict import run_request
+from app.schemas import ERROR_RESPONSES, IMAGE_REQUEST_BODY, ClassifyQuery, DetectQuery, ErrorBody
+from models import ClassifyOptions, ClassifyOutput, DetectOutput, DetectParams
+
+OptT = TypeVar("OptT", ClassifyOptions, DetectParams)
+OutT = TypeVar("OutT", ClassifyOutput, DetectOutput)
 
 router = APIRouter(tags=["render"])
 
@@ -46,83 +49,75 @@ _IMAGE_ANSWER: dict[int | str, dict[str, object]] = {
     },
     406: {"model": ErrorBody, "description": "NOT_ACCEPTABLE: Accept allows neither PNG nor JPEG"},
 }
-_POST = {
+_POST: dict[str, Any] = {
     "openapi_extra": IMAGE_REQUEST_BODY,
     "responses": {**ERROR_RESPONSES, **_IMAGE_ANSWER},
     "response_class": Response,
 }
 
 
-@router.post("/v1/detect/render", **_POST)  # type: ignore[arg-type]
+@router.post("/v1/detect/render", **_POST)
 async def detect_render(
     request: Request,
-    state: StateDep,
+    service: ServiceDep,
     registry: RegistryDep,
     deadline: DeadlineDep,
-    query: Annotated[DetectByDefault, Query()],
+    query: Annotated[DetectQuery, Query()],
 ) -> Response:
     """Detect objects in one image and return it with the boxes, labels and scores drawn.
 
     ``box_format`` and ``normalized`` are accepted (the query of ``/v1/detect``) and change nothing.
     """
-    return await _render(request, state, registry.for_task("detect", query.model), query, deadline)
+    model = registry.detector(query.model)
+    media_type = _media_type(request)
+    result = await _run_one(request, service, model, query, deadline)
+    labels = model.labels
+
+    def draw() -> bytes:
+        output, image = result.output, result.image
+        assert image is not None
+        boxes = [
+            DrawnBox((box[0], box[1], box[2], box[3]), class_id, labels[class_id], score)
+            for box, class_id, score in zip(
+                output.boxes.float().tolist(), output.class_ids.tolist(), output.scores.tolist(), strict=True
+            )
+        ]
+        return encode(draw_detections(image, boxes), media_type)
+
+    body = await service.run_cpu(draw)
+    return _image_response(body, media_type, model.name, {"X-Detections": str(len(result.output.scores))})
 
 
-@router.post("/v1/classify/render", **_POST)  # type: ignore[arg-type]
+@router.post("/v1/classify/render", **_POST)
 async def classify_render(
     request: Request,
-    state: StateDep,
+    service: ServiceDep,
     registry: RegistryDep,
     deadline: DeadlineDep,
-    query: Annotated[ClassifyByDefault, Query()],
+    query: Annotated[ClassifyQuery, Query()],
 ) -> Response:
     """Classify one image and return it with the top-k labels, scores and bars drawn."""
-    return await _render(request, state, registry.for_task("classify", query.model), query, deadline)
-
-
-async def _render(
-    request: Request,
-    state: ServiceState,
-    served: ServedModel,
-    query: DetectByDefault | ClassifyByDefault,
-    deadline: float,
-) -> Response:
-    """Negotiate the type (406 first), run the predict path on one image, draw, encode."""
+    model = registry.classifier(query.model)
     media_type = _media_type(request)
-    run = await _run_one(request, state, served, query, deadline)
-    image, output, labels = run.images[0], run.outputs[0], served.predictor.info.labels
+    result = await _run_one(request, service, model, query, deadline)
+    labels = model.labels
 
-    def draw() -> bytes:  # CPU work: in the decode threads, off the event loop
-        if isinstance(output, DetectOutput):
-            boxes = [
-                DrawnBox((box[0], box[1], box[2], box[3]), class_id, labels[class_id], _probability(score))
-                for box, class_id, score in zip(
-                    output.boxes.float().tolist(),
-                    output.class_ids.tolist(),
-                    output.scores.tolist(),
-                    strict=True,
-                )
-            ]
-            return encode(draw_detections(image, boxes), media_type)
-        assert isinstance(output, ClassifyOutput)
+    def draw() -> bytes:
+        output, image = result.output, result.image
+        assert image is not None
         top = [
-            DrawnLabel(class_id, labels[class_id], _probability(score))
+            DrawnLabel(class_id, labels[class_id], score)
             for class_id, score in zip(output.class_ids.tolist(), output.scores.tolist(), strict=True)
         ]
         return encode(draw_predictions(image, top), media_type)
 
-    body = await asyncio.get_running_loop().run_in_executor(state.decode_pool, draw)
-    count = len(output.scores)
-    return Response(
-        body,
-        media_type=media_type,
-        headers={
-            "X-Model": served.name,
-            "X-Detections" if run.task == "detect" else "X-Predictions": str(count),
-            "Vary": "Accept",
-            "Cache-Control": "no-store",
-        },
-    )
+    body = await service.run_cpu(draw)
+    return _image_response(body, media_type, model.name, {"X-Predictions": str(len(result.output.scores))})
+
+
+def _image_response(body: bytes, media_type: str, model: str, count: dict[str, str]) -> Response:
+    headers = {"X-Model": model, **count, "Vary": "Accept", "Cache-Control": "no-store"}
+    return Response(body, media_type=media_type, headers=headers)
 
 
 def _media_type(request: Request) -> str:
@@ -138,17 +133,20 @@ def _media_type(request: Request) -> str:
 
 async def _run_one(
     request: Request,
-    state: ServiceState,
-    served: ServedModel,
-    query: DetectByDefault | ClassifyByDefault,
+    service: InferenceService,
+    model: ServedModel[OptT, OutT],
+    parameters: BaseModel,
     deadline: float,
-) -> ModelRun:
-    """The predict path for exactly one image, keeping the decoded image to draw on."""
+) -> ImageResult[OutT]:
+    """The ``/v1`` request path for exactly one image, keeping the decoded image to draw on."""
     try:
-        return await run_model(request, state, served, query, deadline, max_files=1, keep_images=True)
+        results = await run_request(
+            request, service, model, parameters, deadline, max_files=1, keep_images=True
+        )
     except ApiError as error:
         if error.code == "TOO_MANY_FILES":
             error.message = (
                 "this endpoint draws one image per request; send one, or use the JSON endpoint for a batch"
             )
         raise
+    return results[0]

@@ -30,39 +30,23 @@ requests are 400 ``INVALID_INPUT``, the rest keep the v1 statuses and codes.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import struct
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
-from starlette.requests import ClientDisconnect
+from pydantic import BaseModel, ValidationError
 
-from app.deps import DeadlineDep, StateDep
-from app.errors import (
-    RETRY_AFTER_SECONDS,
-    ApiError,
-    deadline_exceeded,
-    model_not_found,
-    payload_too_large,
-    too_many_files,
-)
-from app.routers.predict import (
-    DEFAULT_TOP_K,
-    ClassifyQuery,
-    DetectQuery,
-    _decode_all,
-    _default,
-    _detect_params,
-)
+from app.deps import DeadlineDep, ServiceDep
+from app.errors import RETRY_AFTER_SECONDS, ApiError, model_not_found, too_many_files
+from app.inference import AnyModel, ImageResult, InferenceService, ServedClassifier, ServedDetector
 from app.schemas import ERROR_RESPONSES
-from app.service import ServedModel, ServiceState
-from models import ClassifyOutput, DetectOutput
+from app.uploads import read_body
+from models import ClassifyOutput, DetectOutput, Task
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -72,19 +56,22 @@ INPUT_NAME = "image"
 #: Request parameters that v2 clients set for the protocol itself; accepted and ignored.
 PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout", "headers"})
 
-_CLASSIFY_OUTPUTS: dict[str, tuple[str, list[int]]] = {
-    "scores": ("FP32", [-1, -1]),
-    "class_ids": ("INT64", [-1, -1]),
-    "labels": ("BYTES", [-1, -1]),
-    "image_size": ("INT32", [-1, 2]),
-}
-_DETECT_OUTPUTS: dict[str, tuple[str, list[int]]] = {
-    "boxes": ("FP32", [-1, -1, 4]),
-    "scores": ("FP32", [-1, -1]),
-    "class_ids": ("INT64", [-1, -1]),
-    "labels": ("BYTES", [-1, -1]),
-    "num_detections": ("INT32", [-1]),
-    "image_size": ("INT32", [-1, 2]),
+#: Each task's output tensors: name -> (datatype, shape).
+OUTPUTS: dict[Task, dict[str, tuple[str, list[int]]]] = {
+    "classify": {
+        "scores": ("FP32", [-1, -1]),
+        "class_ids": ("INT64", [-1, -1]),
+        "labels": ("BYTES", [-1, -1]),
+        "image_size": ("INT32", [-1, 2]),
+    },
+    "detect": {
+        "boxes": ("FP32", [-1, -1, 4]),
+        "scores": ("FP32", [-1, -1]),
+        "class_ids": ("INT64", [-1, -1]),
+        "labels": ("BYTES", [-1, -1]),
+        "num_detections": ("INT32", [-1]),
+        "image_size": ("INT32", [-1, 2]),
+    },
 }
 
 Name = Annotated[str, Path(description="a served model's name")]
@@ -112,64 +99,63 @@ async def live() -> dict[str, bool]:
 
 
 @router.get("/health/ready", responses={503: {"description": "loading, warming up or draining"}})
-async def ready(state: StateDep) -> JSONResponse:
+async def ready(service: ServiceDep) -> JSONResponse:
     """200 once every model is warmed up; 503 before that and while draining (as /health/ready)."""
-    if state.ready:
+    if service.ready:
         return JSONResponse({"ready": True})
     return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def _model(state: ServiceState, name: str, version: str | None) -> ServedModel:
-    served = state.require_registry().get(name)
+def _model(service: InferenceService, name: str, version: str | None) -> AnyModel:
+    model = service.require_registry().get(name)
     if version is not None and version != MODEL_VERSION:
         raise model_not_found(f"model {name!r} has no version {version!r} (it has {MODEL_VERSION!r})")
-    return served
+    return model
 
 
-def _metadata(served: ServedModel) -> dict[str, Any]:
-    outputs = _CLASSIFY_OUTPUTS if served.task == "classify" else _DETECT_OUTPUTS
+def _metadata(model: AnyModel) -> dict[str, Any]:
     return {
-        "name": served.name,
+        "name": model.name,
         "versions": [MODEL_VERSION],
         "platform": "pytorch",
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [
             {"name": name, "datatype": datatype, "shape": shape}
-            for name, (datatype, shape) in outputs.items()
+            for name, (datatype, shape) in OUTPUTS[model.task].items()
         ],
     }
 
 
 @router.get("/models/{name}", responses=ERROR_RESPONSES)
-async def model_metadata(state: StateDep, name: Name) -> dict[str, Any]:
+async def model_metadata(service: ServiceDep, name: Name) -> dict[str, Any]:
     """The model's input and output tensors (all versions: there is one)."""
-    return _metadata(_model(state, name, None))
+    return _metadata(_model(service, name, None))
 
 
 @router.get("/models/{name}/versions/{version}", responses=ERROR_RESPONSES)
-async def model_version_metadata(state: StateDep, name: Name, version: Version) -> dict[str, Any]:
+async def model_version_metadata(service: ServiceDep, name: Name, version: Version) -> dict[str, Any]:
     """The model's input and output tensors."""
-    return _metadata(_model(state, name, version))
+    return _metadata(_model(service, name, version))
 
 
-def _model_ready(state: ServiceState, served: ServedModel) -> JSONResponse:
-    is_ready = served.ready and not state.draining
-    body = {"name": served.name, "ready": is_ready}
+def _model_ready(service: InferenceService, model: AnyModel) -> JSONResponse:
+    is_ready = model.ready and not service.draining
+    body = {"name": model.name, "ready": is_ready}
     if is_ready:
         return JSONResponse(body)
     return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 @router.get("/models/{name}/ready", responses=ERROR_RESPONSES)
-async def model_ready(state: StateDep, name: Name) -> JSONResponse:
+async def model_ready(service: ServiceDep, name: Name) -> JSONResponse:
     """200 once the model is warmed up (and the server not draining), else 503."""
-    return _model_ready(state, _model(state, name, None))
+    return _model_ready(service, _model(service, name, None))
 
 
 @router.get("/models/{name}/versions/{version}/ready", responses=ERROR_RESPONSES)
-async def model_version_ready(state: StateDep, name: Name, version: Version) -> JSONResponse:
+async def model_version_ready(service: ServiceDep, name: Name, version: Version) -> JSONResponse:
     """200 once the model is warmed up (and the server not draining), else 503."""
-    return _model_ready(state, _model(state, name, version))
+    return _model_ready(service, _model(service, name, version))
 
 
 # -- inference ----------------------------------------------------------------------------------
@@ -215,76 +201,47 @@ _INFER_BODY: dict[str, Any] = {
 
 
 @router.post("/models/{name}/infer", responses=ERROR_RESPONSES, openapi_extra=_INFER_BODY)
-async def infer(request: Request, state: StateDep, deadline: DeadlineDep, name: Name) -> JSONResponse:
+async def infer(request: Request, service: ServiceDep, deadline: DeadlineDep, name: Name) -> JSONResponse:
     """Run the model on a batch of encoded images (see the module docstring for the tensors)."""
-    return await _infer(request, state, _model(state, name, None), deadline)
+    return await _infer(request, service, _model(service, name, None), deadline)
 
 
 @router.post("/models/{name}/versions/{version}/infer", responses=ERROR_RESPONSES, openapi_extra=_INFER_BODY)
 async def infer_version(
-    request: Request, state: StateDep, deadline: DeadlineDep, name: Name, version: Version
+    request: Request, service: ServiceDep, deadline: DeadlineDep, name: Name, version: Version
 ) -> JSONResponse:
     """Run the model on a batch of encoded images (see the module docstring for the tensors)."""
-    return await _infer(request, state, _model(state, name, version), deadline)
+    return await _infer(request, service, _model(service, name, version), deadline)
 
 
-async def _infer(request: Request, state: ServiceState, served: ServedModel, deadline: float) -> JSONResponse:
-    request.state.model = served.name
-    state.check_serving(served)
-    settings = state.settings
-    body = await _read_body(request, settings.max_body_bytes)
+async def _infer(
+    request: Request, service: InferenceService, model: AnyModel, deadline: float
+) -> JSONResponse:
+    request.state.model = model.name
+    service.check_serving(model)
+    settings = service.settings
+    body = await read_body(request, settings.max_body_bytes)
     document, images = parse_infer_request(
         body, request.headers.get("inference-header-content-length"), settings.max_files
     )
-    query = _parameters(served, document.get("parameters"))
-    wanted = _requested_outputs(served, document.get("outputs"))
-    state.metrics.images_per_request.labels(served.name).observe(len(images))
-    with served.batcher.reserve(len(images)) as ticket:
-        decoded = await _decode_all(state, served, images)
-        if asyncio.get_running_loop().time() >= deadline:
-            raise deadline_exceeded()
-        sizes = [size for _, size in decoded]
-        if isinstance(query, ClassifyQuery):
-            top_k = query.top_k or _default(served, "top_k", DEFAULT_TOP_K)
-            outputs = await served.batcher.submit([(t, top_k) for t, _ in decoded], deadline, ticket)
-            tensors = classify_tensors(outputs, sizes, served.predictor.info.labels)
-        else:
-            params = _detect_params(query, served)
-            outputs = await served.batcher.submit([(t, s, params) for t, s in decoded], deadline, ticket)
-            tensors = detect_tensors(outputs, sizes, served.predictor.info.labels)
+    parameters = _parameters(model, document.get("parameters"))
+    wanted = _requested_outputs(model, document.get("outputs"))
+    match model:
+        case ServedClassifier():
+            classified = await service.infer(model, images, model.options(parameters), deadline)
+            tensors = classify_tensors(classified, model.labels)
+        case ServedDetector():
+            detected = await service.infer(model, images, model.options(parameters), deadline)
+            tensors = detect_tensors(detected, model.labels)
     request_id = document.get("id")
     return JSONResponse(
         {
-            "model_name": served.name,
+            "model_name": model.name,
             "model_version": MODEL_VERSION,
             "id": request_id if isinstance(request_id, str) else request.state.request_id,
             "outputs": [tensors[name] for name in wanted],
         }
     )
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body; 413 PAYLOAD_TOO_LARGE from Content-Length or as soon as it passes ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise payload_too_large(limit)
-    chunks: list[bytes] = []
-    received = 0
-    try:
-        async for chunk in _stream(request):
-            received += len(chunk)
-            if received > limit:
-                raise payload_too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(400, "CLIENT_DISCONNECTED", "the client closed the connection mid-body") from None
-    return b"".join(chunks)
-
-
-async def _stream(request: Request) -> AsyncIterator[bytes]:
-    async for chunk in request.stream():
-        if chunk:
-            yield chunk
 
 
 def parse_infer_request(
@@ -394,28 +351,20 @@ def _json_bytes(data: object, count: int) -> list[bytes]:
     return images
 
 
-#: The request parameters of each task (v1's query parameters that shape the tensors; box_format
-#: and normalized only shape v1's JSON: v2 boxes are always x1, y1, x2, y2 in pixels).
-TASK_PARAMETERS: dict[str, tuple[type[ClassifyQuery] | type[DetectQuery], tuple[str, ...]]] = {
-    "classify": (ClassifyQuery, ("top_k",)),
-    "detect": (DetectQuery, ("score_threshold", "iou_threshold", "max_detections")),
-}
-
-
-def _parameters(served: ServedModel, parameters: object) -> ClassifyQuery | DetectQuery:
-    """The request ``parameters`` as the v1 query of the model's task; protocol ones are ignored."""
+def _parameters(model: AnyModel, parameters: object) -> BaseModel:
+    """The request ``parameters`` as the model's task's parameters; protocol ones are ignored."""
     if parameters is None:
         parameters = {}
     if not isinstance(parameters, dict):
         raise invalid_input("'parameters' must be an object")
-    query_model, allowed = TASK_PARAMETERS[served.task]
-    takes = f"a {served.task} model takes {', '.join(allowed)}"
+    allowed = list(model.parameters.model_fields)
+    takes = f"a {model.task} model takes {', '.join(allowed)}"
     values = {k: v for k, v in parameters.items() if k not in PROTOCOL_PARAMETERS}
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         raise invalid_input(f"unknown parameter(s) {', '.join(unknown)} ({takes})")
     try:
-        return query_model.model_validate(values)
+        return model.parameters.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(
             f"parameter {'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors()
@@ -423,9 +372,9 @@ def _parameters(served: ServedModel, parameters: object) -> ClassifyQuery | Dete
         raise invalid_input(f"{problems} ({takes})") from None
 
 
-def _requested_outputs(served: ServedModel, outputs: object) -> list[str]:
+def _requested_outputs(model: AnyModel, outputs: object) -> list[str]:
     """The output tensors to return, in order (all of them when the request names none)."""
-    known = _CLASSIFY_OUTPUTS if served.task == "classify" else _DETECT_OUTPUTS
+    known = OUTPUTS[model.task]
     if outputs is None:
         return list(known)
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
@@ -433,7 +382,7 @@ def _requested_outputs(served: ServedModel, outputs: object) -> list[str]:
     names = [o.get("name") for o in outputs]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise invalid_input(f"unknown output(s) {unknown!r}; model {served.name!r} has {', '.join(known)}")
+        raise invalid_input(f"unknown output(s) {unknown!r}; model {model.name!r} has {', '.join(known)}")
     return [str(n) for n in names]
 
 
@@ -444,50 +393,47 @@ def _tensor(name: str, datatype: str, shape: list[int], data: list[Any]) -> dict
     return {"name": name, "datatype": datatype, "shape": shape, "data": data}
 
 
-def _clip01(score: float) -> float:
-    return min(1.0, max(0.0, float(score)))
-
-
 def classify_tensors(
-    outputs: Sequence[ClassifyOutput], sizes: Sequence[tuple[int, int]], labels: Sequence[str]
+    results: Sequence[ImageResult[ClassifyOutput]], labels: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
     """The classify output tensors of a batch (rows padded to the longest, should k differ)."""
-    n = len(outputs)
-    k = max((len(out.scores) for out in outputs), default=0)
+    n = len(results)
+    k = max((len(r.output.scores) for r in results), default=0)
     scores: list[float] = []
     class_ids: list[int] = []
     names: list[str] = []
-    for out in outputs:
-        ids = out.class_ids.tolist()
+    for result in results:
+        ids = result.output.class_ids.tolist()
         pad = k - len(ids)
-        scores += [_clip01(s) for s in out.scores.float().tolist()] + [0.0] * pad
+        scores += result.output.scores.float().tolist() + [0.0] * pad
         class_ids += ids + [-1] * pad
         names += [labels[i] for i in ids] + [""] * pad
     return {
         "scores": _tensor("scores", "FP32", [n, k], scores),
         "class_ids": _tensor("class_ids", "INT64", [n, k], class_ids),
         "labels": _tensor("labels", "BYTES", [n, k], names),
-        "image_size": _image_size(sizes),
+        "image_size": _image_size(results),
     }
 
 
 def detect_tensors(
-    outputs: Sequence[DetectOutput], sizes: Sequence[tuple[int, int]], labels: Sequence[str]
+    results: Sequence[ImageResult[DetectOutput]], labels: Sequence[str]
 ) -> dict[str, dict[str, Any]]:
     """The detect output tensors of a batch, padded to the image with the most detections."""
-    n = len(outputs)
-    d = max((len(out.scores) for out in outputs), default=0)
+    n = len(results)
+    d = max((len(r.output.scores) for r in results), default=0)
     boxes: list[float] = []
     scores: list[float] = []
     class_ids: list[int] = []
     names: list[str] = []
     counts: list[int] = []
-    for out in outputs:
+    for result in results:
+        out = result.output
         ids = out.class_ids.tolist()
         pad = d - len(ids)
         counts.append(len(ids))
         boxes += [c for box in out.boxes.float().tolist() for c in box] + [0.0] * (4 * pad)
-        scores += [_clip01(s) for s in out.scores.float().tolist()] + [0.0] * pad
+        scores += out.scores.float().tolist() + [0.0] * pad
         class_ids += ids + [-1] * pad
         names += [labels[i] for i in ids] + [""] * pad
     return {
@@ -496,9 +442,9 @@ def detect_tensors(
         "class_ids": _tensor("class_ids", "INT64", [n, d], class_ids),
         "labels": _tensor("labels", "BYTES", [n, d], names),
         "num_detections": _tensor("num_detections", "INT32", [n], counts),
-        "image_size": _image_size(sizes),
+        "image_size": _image_size(results),
     }
 
 
-def _image_size(sizes: Sequence[tuple[int, int]]) -> dict[str, Any]:
-    return _tensor("image_size", "INT32", [len(sizes), 2], [v for size in sizes for v in size])
+def _image_size(results: Sequence[ImageResult[Any]]) -> dict[str, Any]:
+    return _tensor("image_size", "INT32", [len(results), 2], [v for r in results for v in r.size])

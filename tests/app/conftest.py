@@ -1,9 +1,7 @@
-"""Shared fixtures for tests/app: tiny checkpoints, their models file, loaded predictors, and a
-running app (lifespan entered, warmed up) with an async httpx client over ASGI.
-
-Loading is the slow part, so the predictors are loaded once per session and shared by every app
-the tests build; each app has its own batchers, threads and metrics.
-"""
+"""Shared fixtures for tests/app: tiny checkpoints and their models file, the same models loaded
+for reference answers, and a running app (lifespan entered, warmed up) with an async httpx client
+over ASGI. Apps load their models from their models file; ``tests/conftest.py`` keeps what was
+loaded, so each checkpoint is read once per session."""
 
 from __future__ import annotations
 
@@ -14,9 +12,9 @@ import httpx
 import pytest
 
 from app.models_file import ModelsFile, read_models_file
-from app.service import load_predictors
-from models import Predictor
-from tests.app.harness import serve, settings_for, tiny_models_toml
+from models import Classifier, Detector
+from tests.app.harness import CLASSIFIER, serve, subset_models_file, tiny_models_toml
+from tests.conftest import Loader
 
 
 @pytest.fixture(scope="session")
@@ -25,24 +23,29 @@ def tiny_models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def classifier_models_file(tiny_models_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny classifier alone."""
+    return subset_models_file(tiny_models_file, [CLASSIFIER], tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture(scope="session")
 def tiny_entries(tiny_models_file: Path) -> ModelsFile:
     return read_models_file(tiny_models_file)
 
 
 @pytest.fixture(scope="session")
-def tiny_predictors(tiny_entries: ModelsFile) -> list[Predictor]:
-    return load_predictors(tiny_entries, settings_for())
+def tiny_predictors(tiny_entries: ModelsFile, load_once: Loader) -> list[Classifier | Detector]:
+    """The tiny models (reference answers; the apps get copies of the same networks)."""
+    return [load_once(spec) for spec in tiny_entries.specs]
 
 
 @pytest.fixture(scope="session")
-def predictor_by_name(tiny_predictors: list[Predictor]) -> dict[str, Predictor]:
+def predictor_by_name(tiny_predictors: list[Classifier | Detector]) -> dict[str, Classifier | Detector]:
     return {p.info.name: p for p in tiny_predictors}
 
 
 @pytest.fixture(scope="session")
-async def client(
-    tiny_predictors: list[Predictor], tiny_entries: ModelsFile
-) -> AsyncIterator[httpx.AsyncClient]:
+async def client(tiny_models_file: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The shared app: the three tiny models, default limits, batches of up to 4."""
-    async with serve(tiny_predictors, tiny_entries, max_batch_size=4) as c:
+    async with serve(tiny_models_file, max_batch_size=4) as c:
         yield c

@@ -6,7 +6,8 @@ import platform
 
 import pytest
 
-from app.allocator import SWITCH, TUNING, tuned_environ
+from app.allocator import TUNING, tuned_environ
+from tests.app.harness import settings_for
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tuning applies to glibc only")
 
@@ -28,5 +29,6 @@ def test_user_values_are_kept_and_no_reexec_when_all_are_set() -> None:
 
 
 @pytest.mark.parametrize("value", ["0", "false", "OFF"])
-def test_switch_turns_it_off(value: str) -> None:
-    assert tuned_environ({SWITCH: value}) is None
+def test_the_setting_turns_it_off(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISION_ALLOCATOR_TUNING", value)
+    assert settings_for().allocator_tuning is False

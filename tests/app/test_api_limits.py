@@ -7,6 +7,7 @@ import asyncio
 import base64
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ import pytest
 
 import app.routers.predict as predict_module
 from app.main import create_app
-from models import Classifier, Predictor
+from models import Classifier
 from tests.app.harness import running, serve, settings_for
 from tests.app.helpers import encode, jpeg, photo, png, png_header_only
 
@@ -77,7 +78,7 @@ async def test_content_length_is_refused_before_reading(client: httpx.AsyncClien
     assert received == []
 
 
-async def test_streamed_body_without_length_stops_at_the_limit(tiny_predictors: list[Predictor]) -> None:
+async def test_streamed_body_without_length_stops_at_the_limit(classifier_models_file: Path) -> None:
     pulled = 0
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -86,7 +87,7 @@ async def test_streamed_body_without_length_stops_at_the_limit(tiny_predictors: 
             pulled += 1
             yield b"\x00" * 4096
 
-    async with serve(tiny_predictors[:1], max_body_bytes=32 * 1024, max_batch_size=1) as client:
+    async with serve(classifier_models_file, max_body_bytes=32 * 1024, max_batch_size=1) as client:
         response = await client.post("/v1/classify", content=chunks(), headers={"Content-Type": "image/png"})
         assert "content-length" not in response.request.headers
         assert_error(response, 413, "PAYLOAD_TOO_LARGE")
@@ -211,11 +212,15 @@ def gated_classifier(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     gate.set()
 
 
-async def test_overload_is_503_with_retry_after(
-    tiny_predictors: list[Predictor], gated_classifier: Gate
-) -> None:
+async def test_overload_is_503_with_retry_after(classifier_models_file: Path, gated_classifier: Gate) -> None:
     app = create_app(
-        settings_for(max_batch_size=1, max_queue_images=2, max_files=2, max_delay_ms=0), tiny_predictors[:1]
+        settings_for(
+            max_batch_size=1,
+            max_queue_images=2,
+            max_files=2,
+            max_delay_ms=0,
+            models_file=classifier_models_file,
+        )
     )
     gated_classifier.set()  # let the warm-up pass
     async with running(app) as client:
@@ -237,7 +242,7 @@ async def test_overload_is_503_with_retry_after(
 
 
 async def test_concurrent_requests_share_a_forward_pass(
-    tiny_predictors: list[Predictor], monkeypatch: pytest.MonkeyPatch
+    classifier_models_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
     sizes: list[int] = []
@@ -251,7 +256,7 @@ async def test_concurrent_requests_share_a_forward_pass(
         sizes.append(int(batch.shape[0]))
         return real(self, batch, top_k)
 
-    app = create_app(settings_for(max_batch_size=4, max_delay_ms=0), tiny_predictors[:1])
+    app = create_app(settings_for(max_batch_size=4, max_delay_ms=0, models_file=classifier_models_file))
     gate.set()
     async with running(app) as client:
         monkeypatch.setattr(Classifier, "predict", recording)
@@ -273,9 +278,9 @@ async def test_concurrent_requests_share_a_forward_pass(
     assert sizes == [1, 4]  # the four waiting requests went through one forward pass
 
 
-async def test_deadline_exceeded_is_504(tiny_predictors: list[Predictor], gated_classifier: Gate) -> None:
+async def test_deadline_exceeded_is_504(classifier_models_file: Path, gated_classifier: Gate) -> None:
     gated_classifier.set()
-    app = create_app(settings_for(max_batch_size=1, max_delay_ms=0), tiny_predictors[:1])
+    app = create_app(settings_for(max_batch_size=1, max_delay_ms=0, models_file=classifier_models_file))
     async with running(app) as client:
         gated_classifier.clear()
         slow = asyncio.ensure_future(client.post("/v1/classify", files={"file": ("a", png())}))
@@ -322,7 +327,7 @@ async def test_unexpected_exception_in_a_handler_is_500_json(
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("internal detail")
 
-    monkeypatch.setattr(predict_module, "_classify_result", broken)
+    monkeypatch.setattr(predict_module, "classify_body", broken)
     response = await client.post(
         "/v1/classify", files={"file": ("a", png())}, headers={"X-Request-ID": "boom-1"}
     )

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from app.main import create_app
-from app.models_file import ModelsFile
 from models import Classifier, Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, VOC_DETECTOR, running, serve, settings_for, wait_ready
 from tests.app.helpers import png
@@ -39,7 +38,7 @@ async def test_live_and_ready(client: httpx.AsyncClient) -> None:
         assert (await client.head(path)).status_code == 200
 
 
-async def test_models_list(client: httpx.AsyncClient, tiny_entries: ModelsFile) -> None:
+async def test_models_list(client: httpx.AsyncClient) -> None:
     response = await client.get("/v1/models")
     assert response.status_code == 200
     models = response.json()["models"]
@@ -110,8 +109,8 @@ async def test_docs_are_served(client: httpx.AsyncClient) -> None:
     assert {"multipart/form-data", "image/*", "application/json"} <= set(body)
 
 
-async def test_docs_can_be_switched_off(tiny_predictors: list[Predictor]) -> None:
-    async with serve(tiny_predictors[:1], docs_enabled=False, max_batch_size=1) as client:
+async def test_docs_can_be_switched_off(classifier_models_file: Path) -> None:
+    async with serve(classifier_models_file, docs_enabled=False, max_batch_size=1) as client:
         for path in ("/docs", "/redoc", "/openapi.json"):
             response = await client.get(path)
             assert response.status_code == 404 and response.json()["code"] == "NOT_FOUND"
@@ -169,14 +168,13 @@ async def test_bad_models_file_keeps_the_app_not_ready_and_reports(tmp_path: Pat
         '[[models]]\nname = "x"\ntask = "classify"\narch = "vgg16"\nformat = "torchvision"\n'
         'weights = "none.pth"\n'
     )
-    failures: list[BaseException] = []
-    app = create_app(settings_for(models_file=bad), on_fatal=failures.append)
+    app = create_app(settings_for(models_file=bad))
     async with running(app, ready=False) as client:
         for _ in range(200):
-            if failures:
+            if app.state.service.failure:
                 break
             await asyncio.sleep(0.02)
-        assert failures, "on_fatal was called"
+        assert "none.pth" in app.state.service.failure  # python -m app exits 1 with it
         ready = await client.get("/health/ready")
         assert ready.status_code == 503 and "startup failed" in ready.json()["reason"]
         assert "none.pth" in ready.json()["reason"]
@@ -186,7 +184,7 @@ async def test_bad_models_file_keeps_the_app_not_ready_and_reports(tmp_path: Pat
 
 
 async def test_not_ready_until_warm_up_finished(
-    monkeypatch: pytest.MonkeyPatch, tiny_predictors: list[Predictor]
+    classifier_models_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = threading.Event()
     real_warmup = Classifier.warmup
@@ -196,7 +194,7 @@ async def test_not_ready_until_warm_up_finished(
         real_warmup(self, batch_sizes)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Classifier, "warmup", slow_warmup)
-    app = create_app(settings_for(max_batch_size=1), tiny_predictors[:1])
+    app = create_app(settings_for(max_batch_size=1, models_file=classifier_models_file))
     try:
         async with running(app, ready=False) as client:
             # The models are handed over in a background task: "starting", then "warming up"
@@ -229,19 +227,18 @@ async def test_not_ready_until_warm_up_finished(
 
 
 async def test_warm_up_failure_is_reported(
-    monkeypatch: pytest.MonkeyPatch, tiny_predictors: list[Predictor]
+    classifier_models_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken(self: Classifier, batch_sizes: object = (1,)) -> None:
         raise RuntimeError("no memory left on the device")
 
     monkeypatch.setattr(Classifier, "warmup", broken)
-    failures: list[BaseException] = []
-    app = create_app(settings_for(max_batch_size=1), tiny_predictors[:1], on_fatal=failures.append)
+    app = create_app(settings_for(max_batch_size=1, models_file=classifier_models_file))
     async with running(app, ready=False) as client:
         for _ in range(200):
-            if failures:
+            if app.state.service.failure:
                 break
             await asyncio.sleep(0.02)
-        assert failures and "no memory" in str(failures[0])
+        assert "no memory" in app.state.service.failure
         ready = await client.get("/health/ready")
         assert ready.status_code == 503 and "no memory" in ready.json()["reason"]

@@ -17,8 +17,6 @@ import httpx
 import pytest
 
 from app.auth import KeyRing, presented_key
-from app.models_file import ModelsFile
-from models import Predictor
 from tests.app.harness import CLASSIFIER, serve
 from tests.app.helpers import jpeg
 
@@ -26,10 +24,8 @@ KEYS = "old-key-1234,new-key-5678"
 
 
 @pytest.fixture(scope="module")
-async def keyed(
-    tiny_predictors: list[Predictor], tiny_entries: ModelsFile
-) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(tiny_predictors, tiny_entries, api_keys=KEYS, cors_origins="https://app.example") as c:
+async def keyed(tiny_models_file: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(tiny_models_file, api_keys=KEYS, cors_origins="https://app.example") as c:
         yield c
 
 
@@ -126,19 +122,19 @@ async def test_health_and_metrics_stay_open_and_401s_are_counted(keyed: httpx.As
 
 
 async def test_the_page_loads_without_a_key_but_its_api_calls_need_one(
-    keyed: httpx.AsyncClient, tiny_predictors: list[Predictor]
+    tiny_models_file: Path, keyed: httpx.AsyncClient
 ) -> None:
     for path in ("/", "/ui/app.js", "/ui/app.css"):
         assert (await keyed.get(path)).status_code == 200, path
     unkeyed = await keyed.post("/v1/detect", content=jpeg(), headers={"Content-Type": "image/jpeg"})
     assert unkeyed.status_code == 401
     assert (await keyed.get("/ui/nothing-here.js")).status_code == 401  # only the shipped files are open
-    async with serve(tiny_predictors, None, api_keys="k-123", ui_enabled=False) as c:
+    async with serve(tiny_models_file, api_keys="k-123", ui_enabled=False) as c:
         assert (await c.get("/")).status_code == 401  # no page: nothing to open
 
 
-async def test_metrics_can_require_the_key(tiny_predictors: list[Predictor]) -> None:
-    async with serve(tiny_predictors, None, api_keys="k-123", metrics_public=False, docs_enabled=False) as c:
+async def test_metrics_can_require_the_key(tiny_models_file: Path) -> None:
+    async with serve(tiny_models_file, api_keys="k-123", metrics_public=False, docs_enabled=False) as c:
         assert (await c.get("/metrics")).status_code == 401
         assert (await c.get("/metrics", headers={"X-API-Key": "k-123"})).status_code == 200
         assert (await c.get("/health/ready")).status_code == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,21 +15,15 @@ from PIL import Image
 
 from app.errors import ApiError
 from app.images import JpegUpload, probe_jpeg
-from app.models_file import ModelsFile
 from app.settings import Settings
-from models import Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, serve
 from tests.app.helpers import encode, jpeg, png, png_header_only
 
 
 @pytest.fixture(scope="module")
-async def device_client(
-    tiny_predictors: list[Predictor], tiny_entries: ModelsFile
-) -> AsyncIterator[httpx.AsyncClient]:
+async def device_client(tiny_models_file: Path) -> AsyncIterator[httpx.AsyncClient]:
     """The tiny models with JPEGs decoded in the batch; batches wait up to 150 ms for company."""
-    async with serve(
-        tiny_predictors, tiny_entries, jpeg_decode="device", max_batch_size=4, max_delay_ms=150
-    ) as c:
+    async with serve(tiny_models_file, jpeg_decode="device", max_batch_size=4, max_delay_ms=150) as c:
         yield c
 
 
@@ -95,7 +90,9 @@ async def test_mixed_request_keeps_the_order(device_client: httpx.AsyncClient) -
     response = await device_client.post("/v1/classify", params={"model": CLASSIFIER}, files=files)
     assert response.status_code == 200, response.text
     assert [r["image"] for r in response.json()["results"]] == [
-        {"width": 50, "height": 40}, {"width": 30, "height": 70}, {"width": 90, "height": 60}
+        {"width": 50, "height": 40},
+        {"width": 30, "height": 70},
+        {"width": 90, "height": 60},
     ]
 
 

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -43,39 +44,62 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     return c
 
 
-def draining_server(delay: float) -> tuple[DrainingServer, list[str]]:
-    calls: list[str] = []
+class FakeService:
+    """What DrainingServer reads of the app's InferenceService."""
 
+    def __init__(self, serving: bool) -> None:
+        self.draining = False
+        self.failure: str | None = None
+        self.registry = SimpleNamespace(models={"m": SimpleNamespace(ready=serving)})
+
+
+def draining_server(delay: float, serving: bool = True) -> tuple[DrainingServer, FakeService]:
     async def app(scope: object, receive: object, send: object) -> None:  # never called
         raise AssertionError
 
+    service = FakeService(serving)
+    holder = SimpleNamespace(state=SimpleNamespace(service=service))
     config = uvicorn.Config(app, timeout_graceful_shutdown=7)
-    return DrainingServer(config, drain_delay_s=delay, on_drain=lambda: calls.append("drain")), calls
+    return DrainingServer(config, app=holder, drain_delay_s=delay), service  # type: ignore[arg-type]
 
 
 async def test_sigterm_waits_the_delay_then_shuts_down(clock: Clock) -> None:
-    server, calls = draining_server(5)
+    server, service = draining_server(5)
     server.handle_exit(signal.SIGTERM, None)
-    assert calls == ["drain"] and server.draining and not server.should_exit
+    assert service.draining and server.draining and not server.should_exit
     clock.now += 4.9
     assert await server.on_tick(1) is False and not server.should_exit
     clock.now += 0.2
     assert await server.on_tick(2) is True and server.should_exit
-    assert calls == ["drain"]
 
 
 async def test_a_second_sigterm_skips_the_rest_of_the_delay(clock: Clock) -> None:
-    server, calls = draining_server(30)
+    server, service = draining_server(30)
     server.handle_exit(signal.SIGTERM, None)
     server.handle_exit(signal.SIGTERM, None)
-    assert server.should_exit and calls == ["drain"]
+    assert server.should_exit and service.draining
 
 
 def test_sigint_and_a_zero_delay_shut_down_at_once() -> None:
     for sig, delay in ((signal.SIGINT, 5.0), (signal.SIGTERM, 0.0)):
-        server, calls = draining_server(delay)
+        server, service = draining_server(delay)
         server.handle_exit(sig, None)
-        assert server.should_exit and calls == ["drain"]  # readiness flips first all the same
+        assert server.should_exit and service.draining  # readiness flips first all the same
+
+
+def test_sigterm_before_any_model_is_warm_skips_the_delay() -> None:
+    server, service = draining_server(30, serving=False)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and service.draining  # nothing was routed here: nothing to drain
+
+
+async def test_a_failed_start_stops_the_server() -> None:
+    server, service = draining_server(5)
+    await server.on_tick(1)
+    assert not server.should_exit
+    service.failure = "models.toml: checkpoint file(s) not found"
+    await server.on_tick(2)
+    assert server.should_exit and server.failure == service.failure
 
 
 # -- a real process under load --------------------------------------------------------------------
@@ -180,13 +204,10 @@ def test_sigterm_under_load_loses_no_accepted_request(replica: Replica) -> None:
 async def test_drain_state_reaches_queued_requests_in_process(tmp_path: Path) -> None:
     # queued images keep their place during the drain: the batcher runs until the lifespan stops
     from app.main import create_app
-    from app.models_file import read_models_file
-    from app.service import load_predictors
     from tests.app.harness import running, settings_for
 
-    entries = read_models_file(tiny_classifier_file(tmp_path))
-    settings = settings_for(max_batch_size=2, max_delay_ms=300)
-    app = create_app(settings, load_predictors(entries, settings))
+    settings = settings_for(max_batch_size=2, max_delay_ms=300, models_file=tiny_classifier_file(tmp_path))
+    app = create_app(settings)
     async with running(app) as client:
         first = asyncio.create_task(
             client.post("/v1/classify", content=jpeg(), headers={"Content-Type": "image/jpeg"})

@@ -23,10 +23,9 @@ import app.__main__ as app_main
 from app.batching import MicroBatcher, is_out_of_memory
 from app.errors import ApiError
 from app.metrics import Metrics
-from app.models_file import ModelsFile
-from models import Classifier, Predictor
+from models import Classifier
 from tests import checkpoint_factory as cf
-from tests.app.harness import CLASSIFIER, serve
+from tests.app.harness import serve
 from tests.app.helpers import encode, jpeg, png
 
 TINY = 1 / 16
@@ -258,21 +257,24 @@ class OomClassifier:
         self.armed = False
         self.sizes: list[int] = []
 
-    def __call__(self, batch: torch.Tensor, top_k: Any = 5) -> Any:
+    def __call__(self, model: Classifier, batch: torch.Tensor, top_k: Any = 5) -> Any:
         if self.armed:
             self.sizes.append(int(batch.shape[0]))
             one_colour = any(float(image.flatten(1).std(dim=1).max()) < 1e-4 for image in batch)
             if batch.shape[0] > self.capacity or one_colour:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-        return self.real(batch, top_k=top_k)
+        return self.real(model, batch, top_k=top_k)
 
 
 @pytest.fixture
-def oom_classifier(tiny_predictors: list[Predictor], monkeypatch: pytest.MonkeyPatch) -> OomClassifier:
-    classifier = next(p for p in tiny_predictors if p.info.name == CLASSIFIER)
-    assert isinstance(classifier, Classifier)
-    fake = OomClassifier(classifier.predict, capacity=1)
-    monkeypatch.setattr(classifier, "predict", fake)  # the batcher calls classifier.predict
+def oom_classifier(monkeypatch: pytest.MonkeyPatch) -> OomClassifier:
+    """Every classifier's predict (the served ones are copies) runs through the fake."""
+    fake = OomClassifier(Classifier.predict, capacity=1)
+
+    def predict(model: Classifier, batch: torch.Tensor, top_k: Any = 5) -> Any:
+        return fake(model, batch, top_k)
+
+    monkeypatch.setattr(Classifier, "predict", predict)
     return fake
 
 
@@ -281,13 +283,10 @@ def upload(name: str, data: bytes) -> tuple[str, tuple[str, bytes]]:
 
 
 async def test_oom_over_http_splits_a_real_models_batch(
-    tiny_predictors: list[Predictor],
-    tiny_entries: ModelsFile,
-    oom_classifier: OomClassifier,
-    client: httpx.AsyncClient,
+    tiny_models_file: Path, oom_classifier: OomClassifier, client: httpx.AsyncClient
 ) -> None:
     images = [jpeg(seed=1), png(seed=2), jpeg(seed=3), png(seed=4)]
-    async with serve(tiny_predictors, tiny_entries, max_batch_size=4, max_delay_ms=5000) as one_batch:
+    async with serve(tiny_models_file, max_batch_size=4, max_delay_ms=5000) as one_batch:
         oom_classifier.armed = True
         two_requests = await asyncio.gather(
             one_batch.post("/v1/classify", params={"top_k": 3}, files=[upload("a", i) for i in images[:2]]),
@@ -303,10 +302,10 @@ async def test_oom_over_http_splits_a_real_models_batch(
 
 
 async def test_oom_on_one_image_alone_is_503_and_its_neighbour_is_answered(
-    tiny_predictors: list[Predictor], tiny_entries: ModelsFile, oom_classifier: OomClassifier
+    tiny_models_file: Path, oom_classifier: OomClassifier
 ) -> None:
     black = encode(Image.new("RGB", (32, 32), (0, 0, 0)), "PNG")
-    async with serve(tiny_predictors, tiny_entries, max_batch_size=2, max_delay_ms=5000) as client:
+    async with serve(tiny_models_file, max_batch_size=2, max_delay_ms=5000) as client:
         oom_classifier.armed = True
         oom_classifier.capacity = 2
         poisoned, fine = await asyncio.gather(

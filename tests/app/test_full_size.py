@@ -13,10 +13,10 @@ import torch
 
 from app.images import decode_image
 from app.models_file import ModelsFile, read_models_file
-from app.service import load_predictors
-from models import Classifier, Detector, DetectParams, Predictor
+from models import Classifier, Detector, DetectParams
 from tests import checkpoint_factory as cf
-from tests.app.harness import serve, settings_for
+from tests.app.harness import serve
+from tests.conftest import Loader
 
 pytestmark = pytest.mark.slow
 
@@ -41,18 +41,20 @@ def full_entries(tmp_path_factory: pytest.TempPathFactory) -> ModelsFile:
 
 
 @pytest.fixture(scope="session")
-def full_predictors(full_entries: ModelsFile) -> dict[str, Predictor]:
-    return {p.info.name: p for p in load_predictors(full_entries, settings_for())}
+def full_predictors(full_entries: ModelsFile, load_once: Loader) -> dict[str, Classifier | Detector]:
+    return {spec.name: load_once(spec) for spec in full_entries.specs}
 
 
 @pytest.fixture(scope="session")
-async def full_client(full_predictors: dict[str, Predictor]) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(list(full_predictors.values()), max_batch_size=1) as client:
+async def full_client(
+    full_entries: ModelsFile, full_predictors: dict[str, Classifier | Detector]
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve(full_entries.path, max_batch_size=1) as client:
         yield client
 
 
 async def test_full_size_vgg16_classify(
-    full_client: httpx.AsyncClient, full_predictors: dict[str, Predictor]
+    full_client: httpx.AsyncClient, full_predictors: dict[str, Classifier | Detector]
 ) -> None:
     data = photo_bytes("china.jpg")
     response = await full_client.post("/v1/classify", files={"file": ("china.jpg", data, "image/jpeg")})
@@ -73,7 +75,7 @@ async def test_full_size_vgg16_classify(
 
 
 async def test_full_size_ssd300_detect(
-    full_client: httpx.AsyncClient, full_predictors: dict[str, Predictor]
+    full_client: httpx.AsyncClient, full_predictors: dict[str, Classifier | Detector]
 ) -> None:
     data = photo_bytes("flower.jpg")
     response = await full_client.post("/v1/detect", content=data, headers={"Content-Type": "image/jpeg"})

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
 from torchvision.ops import box_iou
 
-from app.models_file import ModelsFile
-from app.service import load_predictors
-from models import Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, serve, settings_for
 from tests.app.helpers import jpeg, png
 
@@ -21,15 +20,8 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cuda_predictors(tiny_entries: ModelsFile) -> list[Predictor]:
-    return load_predictors(tiny_entries, settings_for(device="cuda"))
-
-
-async def test_cuda_answers_match_the_cpu(
-    client: httpx.AsyncClient, cuda_predictors: list[Predictor]
-) -> None:
-    async with serve(cuda_predictors, max_batch_size=4) as gpu:
+async def test_cuda_answers_match_the_cpu(client: httpx.AsyncClient, tiny_models_file: Path) -> None:
+    async with serve(tiny_models_file, max_batch_size=4, device="cuda") as gpu:
         models = (await gpu.get("/v1/models")).json()["models"]
         assert {m["device"] for m in models} == {"cuda:0"} and {m["dtype"] for m in models} == {"float32"}
 
@@ -57,12 +49,11 @@ async def test_cuda_answers_match_the_cpu(
         assert (best > 0.98).float().mean() > 0.9  # nearly every GPU box has its CPU twin
 
 
-async def test_auto_precision_on_cuda(tiny_entries: ModelsFile) -> None:
+async def test_auto_precision_on_cuda(tiny_models_file: Path) -> None:
     settings = settings_for(device="cuda", precision="auto")
     expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     assert settings.torch_precision == expected
-    predictors = load_predictors(tiny_entries, settings)
-    async with serve(predictors, max_batch_size=2, device="cuda", precision="auto") as gpu:
+    async with serve(tiny_models_file, max_batch_size=2, device="cuda", precision="auto") as gpu:
         by_name = {m["name"]: m for m in (await gpu.get("/v1/models")).json()["models"]}
         assert by_name[CLASSIFIER]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[expected]
         response = await gpu.post("/v1/classify", files={"file": ("a.png", png())})
@@ -72,11 +63,11 @@ async def test_auto_precision_on_cuda(tiny_entries: ModelsFile) -> None:
 
 
 async def test_jpegs_decoded_on_the_gpu_answer_like_the_cpu(
-    client: httpx.AsyncClient, cuda_predictors: list[Predictor]
+    client: httpx.AsyncClient, tiny_models_file: Path
 ) -> None:
     """VISION_JPEG_DECODE=auto is nvJPEG on CUDA: same top-1 and near-equal scores as PIL on the CPU,
     EXIF orientation applied, and a corrupt JPEG fails alone with 400."""
-    async with serve(cuda_predictors, max_batch_size=4, max_delay_ms=100) as gpu:
+    async with serve(tiny_models_file, max_batch_size=4, max_delay_ms=100, device="cuda") as gpu:
         orientations = (None, 6, 3)
         files = [
             ("file", (f"{i}.jpg", jpeg(200, 150, seed=i, orientation=o))) for i, o in enumerate(orientations)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from PIL.PngImagePlugin import PngImageFile
 
 from app.errors import ApiError
 from app.images import decode_image, to_rgb
+from tests.app.harness import serve
 from tests.app.helpers import encode, image_in_mode, jpeg, photo, png, png_header_only
 
 BIG = 40_000_000
@@ -172,3 +174,24 @@ def test_pixel_limit_is_width_times_height() -> None:
     data = png(64, 48)  # 3072 pixels
     assert code_of(data, max_pixels=3071) == (413, "IMAGE_TOO_LARGE")
     assert decode_image(data, 3072).size == (64, 48)
+
+
+def test_pils_own_bomb_limit_gives_the_same_answer_with_the_size() -> None:
+    bomb = png_header_only(30000, 30000)
+    with pytest.raises(ApiError) as err:
+        decode_image(bomb, BIG)
+    assert (err.value.status_code, err.value.code) == (413, "IMAGE_TOO_LARGE")
+    assert "900000000 pixels" in err.value.message and "VISION_MAX_IMAGE_PIXELS" in err.value.message
+
+
+async def test_a_limit_above_pils_takes_effect(tiny_models_file: Path) -> None:
+    """VISION_MAX_IMAGE_PIXELS of 250 MP: a 200 MP image (over PIL's own 179 MP refusal) is read
+    (here it fails as truncated: only its header exists), and 300 MP is refused naming its size."""
+    async with serve(tiny_models_file, max_image_pixels=250_000_000) as client:
+        read = await client.post("/v1/classify", files={"file": ("b.png", png_header_only(20000, 10000))})
+        assert read.status_code == 400 and read.json()["code"] == "INVALID_IMAGE", read.text
+        refused = await client.post("/v1/classify", files={"file": ("b.png", png_header_only(20000, 15000))})
+        assert refused.status_code == 413 and refused.json()["code"] == "IMAGE_TOO_LARGE"
+        assert (
+            "20000x15000" in refused.json()["error"] and "VISION_MAX_IMAGE_PIXELS" in refused.json()["error"]
+        )

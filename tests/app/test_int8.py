@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from app.models_file import ModelsFile, read_models_file
-from app.service import load_predictors
-from models import ModelConfigError, Predictor
+from app.inference import StartupError, load_models
+from app.metrics import Metrics
+from app.models_file import read_models_file
+from models import Classifier, Detector
 from tests.app.harness import CLASSIFIER, DETECTOR, serve, settings_for
 
 
@@ -26,9 +27,9 @@ def test_int8_loads_fp32_weights_on_the_cpu() -> None:
     assert not settings_for(precision="bf16").int8
 
 
-def test_int8_without_calibration_images_stops_the_start(tiny_entries: ModelsFile) -> None:
-    with pytest.raises(ModelConfigError, match="VISION_INT8_CALIBRATION_DIR"):
-        load_predictors(tiny_entries, settings_for(precision="int8"))
+def test_int8_without_calibration_images_stops_the_start(tiny_models_file: Path) -> None:
+    with pytest.raises(StartupError, match="VISION_INT8_CALIBRATION_DIR"):
+        load_models(settings_for(precision="int8", models_file=tiny_models_file), Metrics())
 
 
 def test_calibration_dir_in_the_models_file_is_relative_to_it(tmp_path: Path) -> None:
@@ -49,29 +50,32 @@ def calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         with Image.open(str(files("sklearn.datasets") / "images" / name)) as photo:
             photo = photo.convert("RGB")
             width, height = photo.size
-            for index, box in enumerate([(0, 0, width, height), (0, 0, width // 2, height // 2),
-                                         (width // 3, height // 3, width, height)]):
+            for index, box in enumerate(
+                [
+                    (0, 0, width, height),
+                    (0, 0, width // 2, height // 2),
+                    (width // 3, height // 3, width, height),
+                ]
+            ):
                 photo.crop(box).save(folder / f"{Path(name).stem}-{index}.png")
     return folder
 
 
-@pytest.fixture(scope="module")
-def int8_predictors(tiny_models_file: Path, calibration_dir: Path) -> list[Predictor]:
-    entries = read_models_file(tiny_models_file)
-    return load_predictors(entries, settings_for(precision="int8", int8_calibration_dir=calibration_dir))
-
-
-def test_int8_predictors_are_quantized(int8_predictors: list[Predictor],
-                                       tiny_predictors: list[Predictor]) -> None:  # fmt: skip
+def test_int8_predictors_are_quantized(
+    tiny_models_file: Path, calibration_dir: Path, tiny_predictors: list[Classifier | Detector]
+) -> None:
+    settings = settings_for(
+        precision="int8", int8_calibration_dir=calibration_dir, models_file=tiny_models_file
+    )
+    int8_predictors, _ = load_models(settings, Metrics())
     assert [p.info.dtype for p in int8_predictors] == ["int8"] * len(int8_predictors)
-    # the shared fp32 models are not touched by quantizing freshly loaded ones
+    # the shared fp32 models are not touched by quantizing copies of them
     assert [p.info.dtype for p in tiny_predictors] == ["float32"] * len(tiny_predictors)
 
 
-async def test_int8_models_serve_the_same_contract(int8_predictors: list[Predictor],
-                                                   tiny_entries: ModelsFile) -> None:  # fmt: skip
+async def test_int8_models_serve_the_same_contract(tiny_models_file: Path, calibration_dir: Path) -> None:
     photo = (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()
-    async with serve(int8_predictors, tiny_entries) as client:
+    async with serve(tiny_models_file, precision="int8", int8_calibration_dir=calibration_dir) as client:
         listed = {m["name"]: m["dtype"] for m in (await client.get("/v1/models")).json()["models"]}
         assert listed[CLASSIFIER] == listed[DETECTOR] == "int8"
         classified = await client.post("/v1/classify?top_k=3", files={"file": ("c.jpg", photo, "image/jpeg")})

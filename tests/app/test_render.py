@@ -293,7 +293,7 @@ async def test_the_page_and_its_files(client: httpx.AsyncClient) -> None:
 
 
 async def test_the_page_can_be_switched_off() -> None:
-    app = create_app(settings_for(ui_enabled=False), [])  # no lifespan: these routes need no models
+    app = create_app(settings_for(ui_enabled=False))  # no lifespan: these routes need no models
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as off:
         for path in ("/", "/ui/app.js"):
             response = await off.get(path)

@@ -191,7 +191,7 @@ def test_sigterm_stops_cleanly_and_the_log_has_one_line_per_request(server: Serv
     # uvicorn shuts down gracefully, then re-raises the signal: the exit status says "terminated"
     assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
     log = server.log.read_text()
-    assert "app: stopped" in log and "Application shutdown complete" in log
+    assert "app.inference: stopped" in log and "Application shutdown complete" in log
     assert "POST /v1/classify 200" in log and "id=last-one" in log
     assert "Traceback" not in log
 
@@ -205,6 +205,9 @@ def test_bad_setting_exits_2_with_one_line() -> None:
     assert "VISION_MAX_FILES" in result.stderr and "Traceback" not in result.stderr
     int8 = run_app(clean_env(VISION_PRECISION="int8", VISION_DEVICE="cuda"))
     assert int8.returncode == 2 and "CPU only" in int8.stderr and "Traceback" not in int8.stderr
+    typo = run_app(clean_env(VISION_MAX_BATCH="16"))
+    assert typo.returncode == 2 and len(typo.stderr.strip().splitlines()) == 1, typo.stderr
+    assert "VISION_MAX_BATCH is not a setting; did you mean VISION_MAX_BATCH_SIZE?" in typo.stderr
 
 
 def test_bad_models_file_exits_non_zero_naming_file_and_entry(tmp_path: Path) -> None:
@@ -230,7 +233,11 @@ def test_truncated_checkpoint_exits_non_zero_with_the_models_message(tmp_path: P
     result = run_app(clean_env(VISION_MODELS_FILE=str(models)))
     assert result.returncode == 1
     assert "cut.pth" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) <= 3, result.stderr  # one message, not a log dump
+    # the models load after the socket opens: the start's log lines, the failure logged once as an
+    # ERROR, and the one message last, where a person looks
+    *log_lines, last = result.stderr.strip().splitlines()
+    assert last.startswith("vision-serve: ") and "cut.pth" in last, result.stderr
+    assert [line for line in log_lines if "cut.pth" in line and " ERROR " in line], result.stderr
 
 
 def test_public_models_file_without_checkpoints_says_what_to_do(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import platform
 from pathlib import Path
 
@@ -102,3 +103,33 @@ def test_cpu_flags_reads_this_machine() -> None:
     flags = settings_module.cpu_flags()
     if Path("/proc/cpuinfo").exists() and platform.machine() == "x86_64":
         assert "fpu" in flags  # every x86 CPU lists it
+
+
+def test_a_misspelt_variable_stops_the_start_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISION_MAX_BATCH", "16")
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert "VISION_MAX_BATCH is not a setting; did you mean VISION_MAX_BATCH_SIZE?" in str(error.value)
+    monkeypatch.delenv("VISION_MAX_BATCH")
+    monkeypatch.setenv("VISION_SOMETHING_ELSE", "1")
+    with pytest.raises(ValidationError, match="VISION_SOMETHING_ELSE is not a setting"):
+        Settings()
+
+
+def test_a_misspelt_dotenv_key_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("VISION_MAX_FILE=3\n")
+    with pytest.raises(ValidationError, match="max_file"):
+        Settings()
+
+
+def test_compose_variables_are_not_settings_but_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in settings_module.DEPLOYMENT_VARIABLES:
+        monkeypatch.setenv(name, "1")
+    Settings()
+
+
+def test_the_readme_lists_every_setting_once() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = re.findall(r"^\| `(VISION_[A-Z0-9_]+)` \|", readme, flags=re.MULTILINE)
+    fields = [settings_module.PREFIX + name.upper() for name in Settings.model_fields]
+    assert sorted(rows) == sorted(fields)

@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,8 +20,6 @@ import uvicorn
 from PIL import Image
 
 from app.main import create_app
-from app.models_file import ModelsFile
-from models import Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, VOC_DETECTOR, running, serve, settings_for
 from tests.app.helpers import encode, jpeg, png
 from tests.app.test_server_process import free_port
@@ -238,10 +237,8 @@ async def test_malformed_binary_requests(client: httpx.AsyncClient) -> None:
     assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]
 
 
-async def test_limits_apply_as_in_v1(tiny_predictors: list[Predictor], tiny_entries: ModelsFile) -> None:
-    async with serve(
-        tiny_predictors, tiny_entries, max_body_bytes=2000, max_files=2, max_queue_images=2
-    ) as c:
+async def test_limits_apply_as_in_v1(tiny_models_file: Path) -> None:
+    async with serve(tiny_models_file, max_body_bytes=2000, max_files=2, max_queue_images=2) as c:
         big = await c.post(f"/v2/models/{CLASSIFIER}/infer", json=infer_json([jpeg(200, 200)]))
         assert big.status_code == 413 and big.json()["code"] == "PAYLOAD_TOO_LARGE"
         many = await c.post(f"/v2/models/{CLASSIFIER}/infer", json=infer_json([png(4, 4)] * 3))
@@ -250,9 +247,8 @@ async def test_limits_apply_as_in_v1(tiny_predictors: list[Predictor], tiny_entr
         assert broken.status_code == 400 and broken.json()["code"] == "INVALID_IMAGE"
 
 
-async def test_draining_refuses_new_work_and_readiness(tiny_predictors: list[Predictor]) -> None:
-    settings = settings_for()
-    app = create_app(settings, tiny_predictors)
+async def test_draining_refuses_new_work_and_readiness(tiny_models_file: Path) -> None:
+    app = create_app(settings_for(models_file=tiny_models_file))
     async with running(app) as c:
         app.state.service.draining = True
         assert (await c.get("/v2/health/ready")).status_code == 503
@@ -267,10 +263,10 @@ async def test_draining_refuses_new_work_and_readiness(tiny_predictors: list[Pre
 
 
 @pytest.fixture(scope="module")
-def live_url(tiny_predictors: list[Predictor], tiny_entries: ModelsFile) -> Iterator[str]:
+def live_url(tiny_models_file: Path) -> Iterator[str]:
     """The app under a real uvicorn, in a thread of this process (no second torch import)."""
     port = free_port()
-    app = create_app(settings_for(), tiny_predictors, defaults=tiny_entries.defaults)
+    app = create_app(settings_for(models_file=tiny_models_file))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

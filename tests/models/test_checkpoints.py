@@ -334,15 +334,6 @@ def test_arch_and_task_that_disagree_with_the_file(tiny: dict[str, Path]) -> Non
     assert "holds a classifier" in message and "task = 'detect'" in message
 
 
-def test_spec_errors() -> None:
-    path = Path("unused.pth")
-    assert "unknown arch 'resnet50'" in _error(ModelConfigError, _spec(path, "classify", "resnet50"))
-    assert "unknown format 'onnx'" in _error(ModelConfigError, _spec(path, fmt="onnx"))
-    assert "unknown task 'segment'" in _error(ModelConfigError, _spec(path, "segment"))
-    assert "'vgg16' is a classifier" in _error(ModelConfigError, _spec(path, "detect", "vgg16"))
-    assert "classifiers only" in _error(ModelConfigError, _spec(path, resize=300))
-
-
 def test_device_and_precision_errors(tiny: dict[str, Path]) -> None:
     spec = _spec(tiny["tv_vgg16"], "classify", "vgg16")
     for device in ("tpu", "cuda:x", "gpu"):

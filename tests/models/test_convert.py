@@ -114,7 +114,7 @@ def test_classifier_to_project_answers_identically(tiny: dict[str, Path], tmp_pa
     ("book_ssd300", ["--to", "project", "--labels", "a,b"], "--labels gives 2 labels; give 20"),
     ("book_ssd300", ["--to", "torchvision", "--from", "torchvision"], "use --from 'ssd.pytorch'"),
     ("book_ssd300", ["--to", "torchvision", "--arch", "ssd512"], "holds a ssd300, not the --arch ssd512"),
-    ("book_ssd300", ["--to", "torchvision", "--task", "classify"], "holds a detector"),
+    ("book_ssd300", ["--to", "torchvision", "--task", "classify"], "a detect model, but task is 'classify'"),
     ("book_ssd512", ["--to", "torchvision"], "torchvision's layout exists for SSD300 only"),
     ("tv_vgg16", ["--to", "ssd.pytorch"], "is a VGG16 classifier, not an SSD"),
     ("pickled_model", ["--to", "project"], "holds a pickled Python object"),

@@ -1,0 +1,413 @@
+"""The inference core: what every image endpoint shares, from uploaded bytes to model outputs.
+
+``InferenceService.infer(model, images, options, deadline)`` is the one path: reserve room in the
+model's queue (503 OVERLOADED), prepare each image with the decoder chosen at start
+(``app.images``), check the deadline, queue one :class:`ImageItem` per image in the model's
+micro-batcher (``app.batching``), which stacks them and calls the predictor's ``run``. Routers
+only parse their input form and format the :class:`ImageResult` list they get back.
+
+The service also owns the start: the models file is read and every model loaded, served and
+warmed up here (the app's lifespan calls :meth:`InferenceService.start`), so there is one loader
+and one warm-up. A served model is a :class:`ServedClassifier` or a :class:`ServedDetector`, chosen
+once when it is served; everything after that is typed by its options and outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+from PIL import Image
+from pydantic import BaseModel
+
+from app.batching import ItemFailure, MicroBatcher
+from app.errors import deadline_exceeded, draining, model_not_found, not_ready, wrong_task
+from app.images import ImageDecoder, PreparedImage, make_decoder
+from app.metrics import Metrics
+from app.models_file import ModelsFileError, check_weights_exist, read_models_file
+from app.schemas import ClassifyParameters, DetectParameters
+from app.settings import Settings
+from models import (
+    TASK_OPTIONS,
+    CheckpointError,
+    Classifier,
+    ClassifyOptions,
+    ClassifyOutput,
+    Detector,
+    DetectOutput,
+    DetectParams,
+    ModelConfigError,
+    ModelSpec,
+    Predictor,
+    Task,
+    load_calibration_images,
+    load_model,
+    quantize_predictor_with_report,
+)
+
+log = logging.getLogger(__name__)
+
+OptT = TypeVar("OptT", ClassifyOptions, DetectParams)
+OutT = TypeVar("OutT", ClassifyOutput, DetectOutput)
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ImageItem(Generic[OptT]):
+    """One image in a model's queue: its prepared input and its request's options."""
+
+    image: PreparedImage
+    options: OptT
+
+
+@dataclass(frozen=True)
+class ImageResult(Generic[OutT]):
+    """One image's answer: its size as displayed (width, height), the model's output, and the
+    decoded image when the caller asked to keep it (drawing)."""
+
+    size: tuple[int, int]
+    output: OutT
+    image: Image.Image | None = None
+
+
+class ServedModel(Generic[OptT, OutT]):
+    """A loaded model as the service serves it: its predictor, its batcher and its state."""
+
+    task: ClassVar[Task]
+    #: the request parameters of the model's task (``/v1`` query, ``/v2`` parameters)
+    parameters: ClassVar[type[BaseModel]]
+
+    def __init__(
+        self, predictor: Predictor[OptT, OutT], batcher: MicroBatcher[ImageItem[OptT], OutT], *, default: bool
+    ) -> None:
+        self.predictor: Predictor[OptT, OutT] = predictor
+        self.batcher: MicroBatcher[ImageItem[OptT], OutT] = batcher
+        self.default = default
+        self.ready = False  # its warm-up forwards ran
+
+    @property
+    def name(self) -> str:
+        return self.predictor.info.name
+
+    @property
+    def labels(self) -> list[str]:
+        return self.predictor.info.labels
+
+    def options(self, parameters: BaseModel) -> OptT:
+        """The options of one request: the parameters it sent, else the model's defaults."""
+        sent = parameters.model_dump(include=set(TASK_OPTIONS[self.task]), exclude_none=True)
+        return replace(self.predictor.default_options, **sent)
+
+
+class ServedClassifier(ServedModel[ClassifyOptions, ClassifyOutput]):
+    task = "classify"
+    parameters = ClassifyParameters
+
+
+class ServedDetector(ServedModel[DetectParams, DetectOutput]):
+    task = "detect"
+    parameters = DetectParameters
+
+
+AnyModel = ServedClassifier | ServedDetector
+M = TypeVar("M", ServedClassifier, ServedDetector)
+
+
+class ModelRegistry:
+    """Served models by name (in the models file's order), and the default of each task."""
+
+    def __init__(self, models: Sequence[AnyModel]) -> None:
+        self.models: dict[str, AnyModel] = {m.name: m for m in models}
+        self.defaults: dict[str, str] = {m.task: m.name for m in models if m.default}
+
+    def get(self, name: str) -> AnyModel:
+        """Raises 404 MODEL_NOT_FOUND."""
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise model_not_found(f"no model named {name!r} (served: {known})") from None
+
+    def classifier(self, name: str | None) -> ServedClassifier:
+        """The named classifier (409 WRONG_TASK for a detector), or the default one."""
+        return self._of_task(ServedClassifier, name)
+
+    def detector(self, name: str | None) -> ServedDetector:
+        """The named detector (409 WRONG_TASK for a classifier), or the default one."""
+        return self._of_task(ServedDetector, name)
+
+    def _of_task(self, kind: type[M], name: str | None) -> M:
+        if name is None:
+            if kind.task not in self.defaults:
+                raise model_not_found(f"no {kind.task} model is served")
+            name = self.defaults[kind.task]
+        model = self.get(name)
+        if not isinstance(model, kind):
+            raise wrong_task(f"model {name!r} is a {model.task} model; it cannot {kind.task}")
+        return model
+
+
+class StartupError(Exception):
+    """Loading or warming up failed; the message names the file and the problem."""
+
+
+class InferenceService:
+    """The served models and everything a request needs on its way to them (``app.state.service``)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.decoder: ImageDecoder = make_decoder(
+            settings.jpeg_on_device, self.pool, settings.max_image_pixels
+        )
+        self.registry: ModelRegistry | None = None
+        self.not_ready_reason: str | None = "starting"
+        self.draining = False
+        #: why the start failed (``python -m app`` stops with this message), or None
+        self.failure: str | None = None
+        self._start_task: asyncio.Task[None] | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.not_ready_reason is None and not self.draining
+
+    def require_registry(self) -> ModelRegistry:
+        """The served models; 503 DRAINING or NOT_READY while there are none."""
+        if self.registry is None:
+            if self.draining:
+                raise draining()
+            raise not_ready(f"models are not loaded yet ({self.not_ready_reason})")
+        return self.registry
+
+    def check_serving(self, model: ServedModel[Any, Any]) -> None:
+        """Raises 503 DRAINING / NOT_READY unless ``model`` takes requests now."""
+        if self.draining:
+            raise draining()
+        if not model.ready:
+            raise not_ready(f"model {model.name!r} is still warming up")
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        model: ServedModel[OptT, OutT],
+        images: Sequence[bytes],
+        options: OptT,
+        deadline: float,
+        *,
+        keep_images: bool = False,
+    ) -> list[ImageResult[OutT]]:
+        """Run ``model`` on the encoded ``images`` with ``options``; one result per image, in order.
+
+        ``deadline`` is on the event-loop clock. Raises ApiError: 503 OVERLOADED (queue full),
+        400 / 413 / 415 for an image (the first failing one), 504 past the deadline, 500 when the
+        batch failed.
+        """
+        self.metrics.images_per_request.labels(model.name).observe(len(images))
+        with model.batcher.reserve(len(images)) as ticket:
+            prepared = await self.decoder.prepare(images, model.predictor, keep_images=keep_images)
+            if asyncio.get_running_loop().time() >= deadline:
+                raise deadline_exceeded()
+            items = [ImageItem(image, options) for image in prepared]
+            outputs = await model.batcher.submit(items, deadline, ticket)
+        return [ImageResult(p.size, out, p.image) for p, out in zip(prepared, outputs, strict=True)]
+
+    async def run_cpu(self, fn: Callable[[], R]) -> R:
+        """Run blocking CPU work (drawing, encoding) in the decode threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+
+    # -- start and stop -------------------------------------------------------------------------
+
+    def start_in_background(self) -> None:
+        """:meth:`start` as a task of the running loop (the socket serves meanwhile)."""
+        self._start_task = asyncio.get_running_loop().create_task(self.start(), name="start")
+
+    async def start(self) -> None:
+        """Load the models file, serve every model, warm each up; then ready. A failure is kept in
+        :attr:`failure` and in readiness, never raised."""
+        try:
+            self.not_ready_reason = f"loading the models in {self.settings.models_file}"
+            loaded, defaults = await asyncio.to_thread(load_models, self.settings, self.metrics)
+            registry = ModelRegistry(
+                [
+                    self.serve(predictor, default=defaults.get(predictor.task) == predictor.info.name)
+                    for predictor in loaded
+                ]
+            )
+            for model in registry.models.values():
+                model.batcher.start()
+            self.registry = registry
+            await self.warm_up(registry)
+        except asyncio.CancelledError:
+            raise
+        except StartupError as exc:
+            self.fail(str(exc))
+        except Exception as exc:
+            log.error("startup failed", exc_info=exc)
+            self.fail(f"warm-up failed: {exc}" if self.registry is not None else str(exc))
+
+    def fail(self, message: str) -> None:
+        self.failure = message
+        self.not_ready_reason = f"startup failed: {message}"
+        log.error("startup failed: %s", message)
+
+    def serve(self, predictor: Classifier | Detector, *, default: bool) -> AnyModel:
+        """Wrap a loaded predictor for serving: its batcher and its task's served type."""
+        self.metrics.model_ready.labels(predictor.info.name).set(0)
+        if isinstance(predictor, Classifier):  # the one place the task decides the type
+            return ServedClassifier(predictor, self.batcher(predictor), default=default)
+        return ServedDetector(predictor, self.batcher(predictor), default=default)
+
+    def batcher(self, predictor: Predictor[OptT, OutT]) -> MicroBatcher[ImageItem[OptT], OutT]:
+        settings = self.settings
+        return MicroBatcher(
+            predictor.info.name,
+            batch_runner(predictor, self.decoder),
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000,
+            max_queue=settings.max_queue_images,
+            metrics=self.metrics,
+        )
+
+    async def warm_up(self, registry: ModelRegistry) -> None:
+        """Each model's warm-up in its own inference thread (one forward per batch size, and the
+        decoder's set-up), then it takes requests; ready once every model is warm."""
+        sizes = self.settings.max_batch_size
+        for index, model in enumerate(registry.models.values(), start=1):
+            self.not_ready_reason = f"warming up model {model.name!r} ({index}/{len(registry.models)})"
+            start = time.perf_counter()
+            await model.batcher.run_in_thread(functools.partial(self.warm, model.predictor, sizes))
+            seconds = time.perf_counter() - start
+            model.ready = True
+            self.metrics.model_warmup_seconds.labels(model.name).set(seconds)
+            self.metrics.model_ready.labels(model.name).set(1)
+            log.info("model %s warmed up (batch sizes 1..%d) in %.2f s", model.name, sizes, seconds)
+        self.not_ready_reason = None
+        log.info("ready: %d model(s) serving", len(registry.models))
+
+    def warm(self, predictor: Predictor[Any, Any], max_batch_size: int) -> None:
+        predictor.warmup(range(1, max_batch_size + 1))
+        self.decoder.warm_up(predictor, max_batch_size)
+
+    async def stop(self) -> None:
+        """Draining: the start is cancelled, queued images fail with 503 DRAINING, threads end."""
+        self.draining = True
+        if self._start_task is not None:
+            self._start_task.cancel()
+            await asyncio.gather(self._start_task, return_exceptions=True)
+        if self.registry is not None:
+            await asyncio.gather(*(m.batcher.stop() for m in self.registry.models.values()))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+
+def batch_runner(
+    predictor: Predictor[OptT, OutT], decoder: ImageDecoder
+) -> Callable[[list[ImageItem[OptT]]], list[OutT | ItemFailure]]:
+    """The function a model's batcher calls with a batch of items (in the inference thread):
+    stack their images (``decoder.stack``), run the predictor once, one output per item, and an
+    ItemFailure in the place of an image that could not be read."""
+
+    def run(items: list[ImageItem[OptT]]) -> list[OutT | ItemFailure]:
+        batch = decoder.stack(predictor, [item.image for item in items])
+        kept = [item for i, item in enumerate(items) if i not in batch.failures]
+        outputs = (
+            predictor.run(batch.tensor, [k.image.size for k in kept], [k.options for k in kept])
+            if batch.tensor is not None
+            else []
+        )
+        readable = iter(outputs)
+        return [
+            ItemFailure(batch.failures[i]) if i in batch.failures else next(readable)
+            for i in range(len(items))
+        ]
+
+    return run
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_models(settings: Settings, metrics: Metrics) -> tuple[list[Classifier | Detector], dict[str, str]]:
+    """Every model of ``settings.models_file``, loaded in file order (int8: quantized), and the default
+    model name of each task. Blocking: seconds per full-size model. Raises StartupError."""
+    path = settings.models_file
+    try:
+        models_file = read_models_file(path)
+        check_weights_exist(models_file)
+    except ModelsFileError as exc:
+        raise StartupError(str(exc)) from None
+    log.info(
+        "loading %d model(s) from %s on %s (%s)",
+        len(models_file.specs),
+        path,
+        settings.torch_device,
+        settings.precision,
+    )
+    predictors: list[Classifier | Detector] = []
+    try:
+        for spec in models_file.specs:
+            predictor = load_one(spec, settings, metrics)
+            if settings.int8:
+                calibration = models_file.calibration_dirs.get(spec.name) or settings.int8_calibration_dir
+                predictor = quantize_one(predictor, calibration)
+            predictors.append(predictor)
+    except (CheckpointError, ModelConfigError) as exc:
+        raise StartupError(f"{path}: {exc}") from None
+    return predictors, models_file.defaults
+
+
+def load_one(spec: ModelSpec, settings: Settings, metrics: Metrics) -> Classifier | Detector:
+    start = time.perf_counter()
+    predictor = load_model(spec, device=settings.torch_device, precision=settings.torch_precision)
+    seconds = time.perf_counter() - start
+    log.info(
+        "loaded model %s (%s %s, %s) on %s in %.2f s",
+        spec.name,
+        spec.arch,
+        spec.format,
+        predictor.info.dtype,
+        predictor.info.device,
+        seconds,
+    )
+    metrics.model_load_seconds.labels(spec.name).set(seconds)
+    return predictor
+
+
+def quantize_one(predictor: Classifier | Detector, calibration_dir: Path | None) -> Classifier | Detector:
+    """Quantize a CPU fp32 predictor to int8, calibrated on ``calibration_dir``; log the accuracy cost.
+
+    Raises ModelConfigError when there are no calibration images: int8 is never calibrated on
+    something that is not the model's own kind of image.
+    """
+    name = predictor.info.name
+    if calibration_dir is None:
+        raise ModelConfigError(
+            f"model {name!r}: VISION_PRECISION=int8 needs calibration images of the model's own kind: "
+            "set VISION_INT8_CALIBRATION_DIR, or calibration_dir in the models file entry"
+        )
+    start = time.perf_counter()
+    images = load_calibration_images(calibration_dir)
+    predictor, report = quantize_predictor_with_report(predictor, images)
+    shown = {key: round(value, 4) if isinstance(value, float) else value for key, value in report.items()}
+    log.info(
+        "model %s quantized to int8 on %d calibration images from %s in %.1f s; "
+        "int8 vs fp32 on %d of them (in-sample): %s",
+        name,
+        len(images),
+        calibration_dir,
+        time.perf_counter() - start,
+        report["images"],
+        shown,
+    )
+    return predictor
