@@ -139,8 +139,9 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"weights file is not readable: {path.absolute()}; check its permissions")
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-                    expected_sha256: str | None = None) -> tuple[Any, str]:
+def read_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", expected_sha256: str | None = None
+) -> tuple[Any, str]:
     """Load a checkpoint file as data: -> (the loaded object, the file's SHA-256).
 
     The SHA-256 is computed (and compared with ``expected_sha256``, if given) before unpickling.
@@ -212,12 +213,13 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike[str] = "the checkpoint")
 
 def _strip_module(key: str) -> str:
     while key.startswith("module."):
-        key = key[len("module."):]
+        key = key[len("module.") :]
     return key
 
 
-def read_state_dict(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-                    expected_sha256: str | None = None) -> dict[str, Tensor]:
+def read_state_dict(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", expected_sha256: str | None = None
+) -> dict[str, Tensor]:
     """:func:`read_checkpoint` then :func:`unwrap_state_dict` (a project file gives its state_dict)."""
     obj, _ = read_checkpoint(path, map_location, expected_sha256)
     return unwrap_state_dict(obj, path)
@@ -277,7 +279,8 @@ def _check_keys(path: Path, sd: Mapping[str, Tensor], expected: Mapping[str, Ten
     if shaped:
         parts.append(f"{len(shaped)} with the wrong shape: {_listing(shaped, 3)}")
     raise CheckpointError(
-        f"{path} does not fit {what}: " + "; ".join(parts)
+        f"{path} does not fit {what}: "
+        + "; ".join(parts)
         + ". Check that the file and the models file's arch/format describe the same network"
     )
 
@@ -394,13 +397,19 @@ def resolve_format(spec: ModelSpec, path: Path, obj: Any, layout: str) -> str:
     if spec.format not in allowed:
         raise CheckpointError(
             f"{path} is in {_LAYOUT_WORDS[layout]}, but the models file says format = {spec.format!r}; "
-            f"use format = {allowed[0]!r}" + (" (or \"auto\")" if layout != "project" else "")
+            f"use format = {allowed[0]!r}" + (' (or "auto")' if layout != "project" else "")
         )
     return spec.format
 
 
-def _labels(spec: ModelSpec, path: Path, expected: int, what: str, default: Sequence[str] | None,
-            background_note: str = "") -> list[str]:
+def _labels(
+    spec: ModelSpec,
+    path: Path,
+    expected: int,
+    what: str,
+    default: Sequence[str] | None,
+    background_note: str = "",
+) -> list[str]:
     if spec.labels is None:
         if default is not None and len(default) == expected:
             return list(default)
@@ -471,20 +480,38 @@ def _build_detector(spec: ModelSpec, path: Path, sd: dict[str, Tensor], fmt: str
         )
     if fmt == "torchvision":
         if shape.size != 300:
-            raise CheckpointError(f"{path}: torchvision has no SSD{shape.size}; use format = \"ssd.pytorch\"")
+            raise CheckpointError(f'{path}: torchvision has no SSD{shape.size}; use format = "ssd.pytorch"')
         config, post, offset = SSD300_COCO, TORCHVISION_POSTPROCESS, 0
         labels = _torchvision_labels(spec, path, shape.num_classes, what)
     else:
         config = SSD300_VOC if shape.size == 300 else SSD512_VOC
         post, offset = BOOK_POSTPROCESS, 1
         what_labels = f"{what} ({shape.num_classes - 1} labels + background)"
-        labels = _labels(spec, path, shape.num_classes - 1, what_labels, None,
-                         " (background excluded, as the book's VOC_CLASSES)")
+        labels = _labels(
+            spec,
+            path,
+            shape.num_classes - 1,
+            what_labels,
+            None,
+            " (background excluded, as the book's VOC_CLASSES)",
+        )
     with torch.device("meta"):
         model = SSD(shape.num_classes, config, shape.width)
     _load_into(path, model, sd, what)
-    return BuiltModel(model, "detect", arch, fmt, labels, SSDTransform(config.input_size), shape.width, "",
-                      config, default_boxes(config), post, offset)
+    return BuiltModel(
+        model,
+        "detect",
+        arch,
+        fmt,
+        labels,
+        SSDTransform(config.input_size),
+        shape.width,
+        "",
+        config,
+        default_boxes(config),
+        post,
+        offset,
+    )
 
 
 def _torchvision_labels(spec: ModelSpec, path: Path, num_classes: int, what: str) -> list[str]:
@@ -492,8 +519,14 @@ def _torchvision_labels(spec: ModelSpec, path: Path, num_classes: int, what: str
     first; a list without it (num_classes - 1) gets "__background__" prepended."""
     if spec.labels is not None and len(spec.labels) == num_classes - 1:
         return ["__background__", *spec.labels]
-    return _labels(spec, path, num_classes, f"{what} ({num_classes} classes, background at 0)",
-                   COCO_CATEGORIES, " (background first, or the other " f"{num_classes - 1} alone)")
+    return _labels(
+        spec,
+        path,
+        num_classes,
+        f"{what} ({num_classes} classes, background at 0)",
+        COCO_CATEGORIES,
+        f" (background first, or the other {num_classes - 1} alone)",
+    )
 
 
 # --------------------------------------------------------------------------------------------- project format
@@ -531,9 +564,16 @@ def _post_to_plain(config: PostprocessConfig) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def project_checkpoint(model: nn.Module, *, task: Task, arch: str, labels: Sequence[str],
-                       preprocess: Mapping[str, Any], postprocess: Mapping[str, Any] | None = None,
-                       metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def project_checkpoint(
+    model: nn.Module,
+    *,
+    task: Task,
+    arch: str,
+    labels: Sequence[str],
+    preprocess: Mapping[str, Any],
+    postprocess: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The project-format dict for ``model`` (a :class:`models.vgg.VGG` or :class:`models.ssd.SSD`).
 
     ``preprocess``: ``{"kind": "classifier", "resize", "crop"}`` or ``{"kind": "ssd", "size"}``.
@@ -556,8 +596,11 @@ def project_checkpoint(model: nn.Module, *, task: Task, arch: str, labels: Seque
             "class_offset": int((postprocess or {}).get("class_offset", 1 if semantics == "book" else 0)),
             "config": _post_to_plain(dataclasses.replace(base, **overrides)),
         }
-        arch_args: dict[str, Any] = {"num_classes": model.num_classes, "width": float(model.width),
-                                     "ssd_config": _config_to_plain(model.config)}
+        arch_args: dict[str, Any] = {
+            "num_classes": model.num_classes,
+            "width": float(model.width),
+            "ssd_config": _config_to_plain(model.config),
+        }
     else:
         num_classes = int(model.classifier[-1].out_features)  # type: ignore[index,union-attr]
         first = model.features[0].out_channels  # type: ignore[index,union-attr]
@@ -577,15 +620,29 @@ def project_checkpoint(model: nn.Module, *, task: Task, arch: str, labels: Seque
     }
 
 
-def save_project_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, task: Task, arch: str,
-                            labels: Sequence[str], preprocess: Mapping[str, Any],
-                            postprocess: Mapping[str, Any] | None = None,
-                            metadata: Mapping[str, Any] | None = None) -> Path:
+def save_project_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    task: Task,
+    arch: str,
+    labels: Sequence[str],
+    preprocess: Mapping[str, Any],
+    postprocess: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``model`` as a project checkpoint (see :func:`project_checkpoint`); returns the path.
     Raises ModelConfigError if ``metadata`` / ``preprocess`` hold anything ``weights_only`` would
     refuse to read back (only str, int, float, bool, None, lists, tuples and str-keyed dicts)."""
-    ckpt = project_checkpoint(model, task=task, arch=arch, labels=labels, preprocess=preprocess,
-                              postprocess=postprocess, metadata=metadata)
+    ckpt = project_checkpoint(
+        model,
+        task=task,
+        arch=arch,
+        labels=labels,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        metadata=metadata,
+    )
     for key in ("preprocess", "postprocess", "metadata", "arch_args"):
         _check_plain(ckpt[key], key)
     path = Path(path)
@@ -611,8 +668,10 @@ def _check_plain(value: Any, where: str) -> None:
 
 def _build_project(spec: ModelSpec, path: Path, obj: Mapping[str, Any]) -> BuiltModel:
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{path} is a vision-serve project file but {what}; write it again with "
-                               "models.checkpoints.save_project_checkpoint")
+        return CheckpointError(
+            f"{path} is a vision-serve project file but {what}; write it again with "
+            "models.checkpoints.save_project_checkpoint"
+        )
 
     if obj.get("version") != PROJECT_VERSION:
         raise CheckpointError(
@@ -643,7 +702,8 @@ def _build_project(spec: ModelSpec, path: Path, obj: Mapping[str, Any]) -> Built
         num_classes, width = int(args["num_classes"]), float(args["width"])
         if arch.startswith("vgg"):
             transform: ClassifierTransform | SSDTransform = ClassifierTransform(
-                spec.resize or int(pre["resize"]), spec.crop or int(pre["crop"]))
+                spec.resize or int(pre["resize"]), spec.crop or int(pre["crop"])
+            )
             kind_ok = pre.get("kind") == "classifier"
         else:
             config = _config_from_plain(args["ssd_config"])
@@ -682,5 +742,18 @@ def _build_project(spec: ModelSpec, path: Path, obj: Mapping[str, Any]) -> Built
     if anchors != priors.shape[0]:
         raise bad(f"its default boxes ({priors.shape[0]}) do not match the network's {anchors} outputs")
     _load_into(path, ssd, sd, what)
-    return BuiltModel(ssd, "detect", arch, "project", labels, transform, width, "", config, priors,
-                      post_config, offset, metadata=metadata)
+    return BuiltModel(
+        ssd,
+        "detect",
+        arch,
+        "project",
+        labels,
+        transform,
+        width,
+        "",
+        config,
+        priors,
+        post_config,
+        offset,
+        metadata=metadata,
+    )

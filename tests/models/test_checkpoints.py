@@ -32,10 +32,23 @@ from tests.models.ssd_reference import BOOK_SSD300_KEYS
 VGG_LABELS = ("ants", "bees")
 
 
-def _spec(path: Path, task: str = "detect", arch: str = "ssd300", fmt: str = "auto",
-          labels: tuple[str, ...] | None = None, **kw: Any) -> ModelSpec:
-    return ModelSpec(name="m", task=task, arch=arch, format=fmt, weights=path, labels=labels,  # type: ignore[arg-type]
-                     **kw)
+def _spec(
+    path: Path,
+    task: str = "detect",
+    arch: str = "ssd300",
+    fmt: str = "auto",
+    labels: tuple[str, ...] | None = None,
+    **kw: Any,
+) -> ModelSpec:
+    return ModelSpec(
+        name="m",
+        task=task,  # type: ignore[arg-type]  # a str: the tests give unknown tasks on purpose
+        arch=arch,
+        format=fmt,
+        weights=path,
+        labels=labels,
+        **kw,
+    )
 
 
 def _error(exc: type[Exception], spec: ModelSpec) -> str:
@@ -58,8 +71,9 @@ def test_factory_book_ssd300_matches_the_reference_key_table() -> None:
 
 def test_factory_torchvision_files_load_strictly_into_torchvision() -> None:
     with torch.device("meta"):
-        tv_ssd = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
-                                                           num_classes=91)
+        tv_ssd = torchvision.models.detection.ssd300_vgg16(
+            weights=None, weights_backbone=None, num_classes=91
+        )
         tv_vgg = torchvision.models.vgg16(weights=None)
         tv_vgg_bn = torchvision.models.vgg16_bn(weights=None)
     ssd_sd = cf.torchvision_ssd_state_dict(91, 1.0)
@@ -90,6 +104,7 @@ def test_factory_files_have_the_real_on_disk_layout(tiny: dict[str, Path]) -> No
 def test_gpu_saved_file_needs_map_location_and_loads_on_the_cpu(tiny: dict[str, Path]) -> None:
     path = tiny["book_vgg16"]
     seen: list[str] = []
+
     def record(storage: Any, location: str) -> Any:
         seen.append(location)
         return storage
@@ -136,8 +151,10 @@ def test_unwraps_training_script_dicts_and_strips_module_prefixes() -> None:
 
 
 def test_data_parallel_and_amdegroot_files_give_the_books_answers(tiny: dict[str, Path]) -> None:
-    specs = {name: _spec(tiny[name], fmt="ssd.pytorch", labels=VOC_CLASSES)
-             for name in ("book_ssd300", "dp_ssd300", "amdegroot_ssd300")}
+    specs = {
+        name: _spec(tiny[name], fmt="ssd.pytorch", labels=VOC_CLASSES)
+        for name in ("book_ssd300", "dp_ssd300", "amdegroot_ssd300")
+    }
     x = torch.rand(2, 3, 300, 300) * 255 - 120
     outs = {}
     for name, spec in specs.items():
@@ -151,11 +168,21 @@ def test_data_parallel_and_amdegroot_files_give_the_books_answers(tiny: dict[str
 # --------------------------------------------------------------------------- layouts and "auto"
 
 
-@pytest.mark.parametrize(("name", "layout"), [
-    ("tv_vgg16", "vgg"), ("tv_vgg16_bn", "vgg_bn"), ("book_vgg16", "vgg"), ("book_ssd300", "ssd.pytorch"),
-    ("dp_ssd300", "ssd.pytorch"), ("amdegroot_ssd300", "ssd.pytorch"), ("book_ssd512", "ssd.pytorch"),
-    ("tv_ssd300", "torchvision-ssd"), ("project_ssd300", "project"), ("project_vgg16", "project"),
-])
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("tv_vgg16", "vgg"),
+        ("tv_vgg16_bn", "vgg_bn"),
+        ("book_vgg16", "vgg"),
+        ("book_ssd300", "ssd.pytorch"),
+        ("dp_ssd300", "ssd.pytorch"),
+        ("amdegroot_ssd300", "ssd.pytorch"),
+        ("book_ssd512", "ssd.pytorch"),
+        ("tv_ssd300", "torchvision-ssd"),
+        ("project_ssd300", "project"),
+        ("project_vgg16", "project"),
+    ],
+)
 def test_detect_layout(tiny: dict[str, Path], name: str, layout: str) -> None:
     obj, _ = read_checkpoint(tiny[name])
     assert detect_layout(obj) == layout
@@ -168,18 +195,45 @@ def test_detect_layout_odd_inputs() -> None:
     assert detect_layout([torch.zeros(1)]) == "unknown"
 
 
-@pytest.mark.parametrize(("name", "task", "arch", "labels", "fmt", "size", "n_labels"), [
-    ("tv_vgg16", "classify", "vgg16", None, "torchvision", (224, 224), 1000),  # 1000 classes: ImageNet preset
-    ("tv_vgg16_bn", "classify", "vgg16_bn", None, "torchvision", (224, 224), 1000),
-    ("book_vgg16", "classify", "vgg16", VGG_LABELS, "state_dict", (224, 224), 2),  # other counts: the book
-    ("book_ssd300", "detect", "ssd300", VOC_CLASSES, "ssd.pytorch", (300, 300), 20),
-    ("book_ssd512", "detect", "ssd512", VOC_CLASSES, "ssd.pytorch", (512, 512), 20),
-    ("tv_ssd300", "detect", "ssd300", None, "torchvision", (300, 300), 91),
-    ("project_ssd300", "detect", "ssd300", None, "project", (300, 300), 20),
-    ("project_vgg16", "classify", "vgg16", None, "project", (224, 224), 3),
-])
-def test_auto_format(tiny: dict[str, Path], name: str, task: str, arch: str, labels: tuple[str, ...] | None,
-                     fmt: str, size: tuple[int, int], n_labels: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "task", "arch", "labels", "fmt", "size", "n_labels"),
+    [
+        (
+            "tv_vgg16",
+            "classify",
+            "vgg16",
+            None,
+            "torchvision",
+            (224, 224),
+            1000,
+        ),  # 1000 classes: ImageNet preset
+        ("tv_vgg16_bn", "classify", "vgg16_bn", None, "torchvision", (224, 224), 1000),
+        (
+            "book_vgg16",
+            "classify",
+            "vgg16",
+            VGG_LABELS,
+            "state_dict",
+            (224, 224),
+            2,
+        ),  # other counts: the book
+        ("book_ssd300", "detect", "ssd300", VOC_CLASSES, "ssd.pytorch", (300, 300), 20),
+        ("book_ssd512", "detect", "ssd512", VOC_CLASSES, "ssd.pytorch", (512, 512), 20),
+        ("tv_ssd300", "detect", "ssd300", None, "torchvision", (300, 300), 91),
+        ("project_ssd300", "detect", "ssd300", None, "project", (300, 300), 20),
+        ("project_vgg16", "classify", "vgg16", None, "project", (224, 224), 3),
+    ],
+)
+def test_auto_format(
+    tiny: dict[str, Path],
+    name: str,
+    task: str,
+    arch: str,
+    labels: tuple[str, ...] | None,
+    fmt: str,
+    size: tuple[int, int],
+    n_labels: int,
+) -> None:
     model = load_model(_spec(tiny[name], task, arch, "auto", labels))
     assert (model.info.format, model.info.input_size, model.info.num_classes) == (fmt, size, n_labels)
     assert model.info.sha256 == sha256_file(tiny[name])
@@ -192,8 +246,17 @@ def test_format_semantics(tiny: dict[str, Path]) -> None:
     book_vgg = build_model(_spec(tiny["book_vgg16"], "classify", "vgg16", "state_dict", VGG_LABELS))
     assert (book_vgg.transform.resize, book_vgg.transform.crop) == (224, 224)  # type: ignore[union-attr]
     # 1000 classes in the book's format: the book's preprocessing, but the caller's labels
-    overridden = build_model(_spec(tiny["tv_vgg16"], "classify", "vgg16", "state_dict",
-                                   tuple(f"c{i}" for i in range(1000)), resize=300, crop=256))
+    overridden = build_model(
+        _spec(
+            tiny["tv_vgg16"],
+            "classify",
+            "vgg16",
+            "state_dict",
+            tuple(f"c{i}" for i in range(1000)),
+            resize=300,
+            crop=256,
+        )
+    )
     assert (overridden.transform.resize, overridden.transform.crop) == (300, 256)  # type: ignore[union-attr]
 
     book = build_model(_spec(tiny["book_ssd300"], labels=VOC_CLASSES))
@@ -226,8 +289,9 @@ def test_sha256_mismatch_through_load_model(tiny: dict[str, Path]) -> None:
 def test_pickled_whole_model_is_refused(tiny: dict[str, Path]) -> None:
     message = _error(CheckpointError, _spec(tiny["pickled_model"], "classify", "vgg16"))
     assert str(tiny["pickled_model"]) in message
-    assert ("holds a pickled Python object (e.g. torch.save(model)), not a state_dict; "
-            "save model.state_dict()") in message
+    assert (
+        "holds a pickled Python object (e.g. torch.save(model)), not a state_dict; save model.state_dict()"
+    ) in message
     assert "torch.nn" in message  # names the class it refused
 
 
@@ -270,20 +334,27 @@ def _vgg_file(tmp_path: Path, edit: dict[str, Tensor | None]) -> Path:
 
 
 def test_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> None:
-    spec = _spec(_vgg_file(tmp_path, {"classifier.3.weight": None, "classifier.3.bias": None}),
-                 "classify", "vgg16", "state_dict", VGG_LABELS)
+    spec = _spec(
+        _vgg_file(tmp_path, {"classifier.3.weight": None, "classifier.3.bias": None}),
+        "classify",
+        "vgg16",
+        "state_dict",
+        VGG_LABELS,
+    )
     message = _error(CheckpointError, spec)
     assert "does not fit a 2-class vgg16 of width 0.0625" in message
     assert "2 missing: classifier.3.weight, classifier.3.bias" in message
 
     extra = {f"features.{i}.weight": torch.zeros(1) for i in range(40, 46)}
-    message = _error(CheckpointError, _spec(_vgg_file(tmp_path, extra), "classify", "vgg16", "state_dict",
-                                            VGG_LABELS))
+    message = _error(
+        CheckpointError, _spec(_vgg_file(tmp_path, extra), "classify", "vgg16", "state_dict", VGG_LABELS)
+    )
     assert re.search(r"6 unexpected: features\.40\.weight, .* \(and 2 more\)", message)
 
     shaped = {"features.2.weight": torch.zeros(5, 4, 3, 3)}
-    message = _error(CheckpointError, _spec(_vgg_file(tmp_path, shaped), "classify", "vgg16", "state_dict",
-                                            VGG_LABELS))
+    message = _error(
+        CheckpointError, _spec(_vgg_file(tmp_path, shaped), "classify", "vgg16", "state_dict", VGG_LABELS)
+    )
     assert "1 with the wrong shape: features.2.weight [5, 4, 3, 3] (expected [4, 4, 3, 3])" in message
 
 
@@ -297,8 +368,10 @@ def test_ssd_keys_that_do_not_fit(tmp_path: Path) -> None:
 
 def test_labels_count_is_explained(tiny: dict[str, Path]) -> None:
     message = _error(ModelConfigError, _spec(tiny["book_ssd300"], fmt="ssd.pytorch", labels=("cat", "dog")))
-    assert (f"{tiny['book_ssd300']} is a 21-class SSD300 in ssd.pytorch layout (20 labels + background), "
-            "but the models file gives 2 labels; give 20 (background excluded") in message
+    assert (
+        f"{tiny['book_ssd300']} is a 21-class SSD300 in ssd.pytorch layout (20 labels + background), "
+        "but the models file gives 2 labels; give 20 (background excluded"
+    ) in message
     message = _error(ModelConfigError, _spec(tiny["book_ssd300"], fmt="ssd.pytorch"))
     assert "must give its 20 labels" in message
     message = _error(ModelConfigError, _spec(tiny["book_vgg16"], "classify", "vgg16", "state_dict"))
@@ -311,8 +384,10 @@ def test_labels_count_is_explained(tiny: dict[str, Path]) -> None:
 
 def test_format_that_disagrees_with_the_keys(tiny: dict[str, Path]) -> None:
     message = _error(CheckpointError, _spec(tiny["tv_ssd300"], fmt="ssd.pytorch", labels=VOC_CLASSES))
-    assert ("is in torchvision's SSD layout (backbone.*, head.*), but the models file says "
-            "format = 'ssd.pytorch'; use format = 'torchvision'") in message
+    assert (
+        "is in torchvision's SSD layout (backbone.*, head.*), but the models file says "
+        "format = 'ssd.pytorch'; use format = 'torchvision'"
+    ) in message
     message = _error(CheckpointError, _spec(tiny["book_ssd300"], fmt="torchvision"))
     assert "the book's / ssd.pytorch SSD layout" in message and "use format = 'ssd.pytorch'" in message
     message = _error(CheckpointError, _spec(tiny["book_vgg16"], "classify", "vgg16", "project", VGG_LABELS))
@@ -379,9 +454,16 @@ def _assert_plain(obj: Any, where: str = "") -> None:
 
 def test_project_file_is_plain_data_and_describes_itself(tiny: dict[str, Path], tmp_path: Path) -> None:
     built = build_model(_spec(tiny["tv_ssd300"]))
-    path = save_project_checkpoint(tmp_path / "tv.pth", built.model, task="detect", arch="ssd300",
-                                   labels=built.labels, preprocess={"kind": "ssd", "size": 300},
-                                   postprocess={"semantics": "torchvision"}, metadata={"dataset": "coco"})
+    path = save_project_checkpoint(
+        tmp_path / "tv.pth",
+        built.model,
+        task="detect",
+        arch="ssd300",
+        labels=built.labels,
+        preprocess={"kind": "ssd", "size": 300},
+        postprocess={"semantics": "torchvision"},
+        metadata={"dataset": "coco"},
+    )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     _assert_plain(raw)
     assert raw["format"] == PROJECT_FORMAT and raw["version"] == 1 and raw["task"] == "detect"
@@ -435,7 +517,13 @@ def test_project_writer_refuses_what_weights_only_cannot_read(tmp_path: Path) ->
     with pytest.raises(ModelConfigError, match=r"metadata\.when is a datetime"):
         import datetime
 
-        save_project_checkpoint(tmp_path / "x.pth", ssd300(21, width=TINY), task="detect", arch="ssd300",
-                                labels=VOC_CLASSES, preprocess={"kind": "ssd", "size": 300},
-                                metadata={"when": datetime.datetime.now()})
+        save_project_checkpoint(
+            tmp_path / "x.pth",
+            ssd300(21, width=TINY),
+            task="detect",
+            arch="ssd300",
+            labels=VOC_CLASSES,
+            preprocess={"kind": "ssd", "size": 300},
+            metadata={"when": datetime.datetime.now()},
+        )
     assert not (tmp_path / "x.pth").exists()
