@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import io
+import pickle
+import random
 import re
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +21,10 @@ from torch import Tensor
 from models import CheckpointError, ModelConfigError, ModelSpec, load_model
 from models.checkpoints import (
     PROJECT_FORMAT,
+    KeyProblem,
     build_model,
     detect_layout,
+    fit_state_dict,
     read_checkpoint,
     read_state_dict,
     save_project_checkpoint,
@@ -301,6 +309,121 @@ def test_truncated_file(tiny: dict[str, Path], name: str) -> None:
     assert str(tiny[name]) in message and "truncated or corrupt" in message and "again" in message
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    path = tmp_path / "random.pth"
+    path.write_bytes(rng.randbytes(rng.randrange(1, 200_000)))
+    message = _error(CheckpointError, _spec(path, labels=VOC_CLASSES))
+    assert f"{path} is not a PyTorch checkpoint" in message and "neither" in message
+    assert "pickled" not in message and "state_dict" not in message  # not "a pickled object"
+
+
+def _plain_pickle(obj: Any, protocol: int) -> bytes:
+    return pickle.dumps(obj, protocol=protocol)
+
+
+def _torch_bytes(obj: Any, **kw: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **kw)
+    return buffer.getvalue()
+
+
+def _zip_of(names: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in names.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: b"", ["is empty (0 bytes), not a PyTorch checkpoint"]),
+        (
+            lambda: b"<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n",
+            ["is not a PyTorch checkpoint", "it starts with text: '<!DOCTYPE html> <html><body>404"],
+        ),
+        (
+            lambda: _zip_of({"weights/readme.txt": b"hello", "weights/w.npy": b"\x93NUMPY"}),
+            [
+                "is a zip archive but not a PyTorch checkpoint",
+                "weights/readme.txt, weights/w.npy",
+                "data.pkl",
+            ],
+        ),
+        (
+            lambda: _plain_pickle({"when": datetime.date(2024, 1, 1)}, 2),
+            [
+                "is a plain Python pickle (pickle.dump), not a file written by torch.save",
+                "refers to datetime.date, refused because unpickling objects can run code",
+            ],
+        ),
+        (
+            lambda: _plain_pickle({"w": torch.zeros(2)}, pickle.DEFAULT_PROTOCOL),
+            ["is a plain Python pickle (pickle.dump)", "torch.save(model.state_dict(), path)"],
+        ),
+        (
+            lambda: _torch_bytes(torch.nn.Linear(2, 2), _use_new_zipfile_serialization=False),
+            [
+                "holds a pickled Python object (e.g. torch.save(model))",
+                "refused: torch.nn.modules.linear.Linear",
+            ],
+        ),
+        (
+            lambda: _torch_bytes(
+                {"w": torch.zeros(2)}, _use_new_zipfile_serialization=False, pickle_protocol=4
+            ),
+            ["legacy-format torch.save file written with pickle protocol 4", "weights_only"],
+        ),
+    ],
+    ids=[
+        "empty",
+        "web-page",
+        "other-zip",
+        "pickle-with-object",
+        "pickle-of-tensors",
+        "legacy-whole-model",
+        "legacy-protocol-4",
+    ],
+)
+def test_each_kind_of_unreadable_file_is_told_apart(
+    tmp_path: Path, make: Callable[[], bytes], expected: list[str]
+) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_bytes(make())
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message
+    for words in expected:
+        assert words in message
+
+
+@pytest.mark.parametrize("name", ["book_ssd300", "tv_ssd300"])
+def test_damaged_files_give_a_checkpoint_error_or_load(
+    tiny: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    """Bytes overwritten or cut anywhere (headers, pickle, tensor data): never another exception."""
+    data = tiny[name].read_bytes()
+    rng = random.Random(name)
+    path = tmp_path / "damaged.pth"
+    outcomes = []
+    for offset in [*sorted(rng.sample(range(len(data)), 24)), 0, 1, 2, 3, 5, 11, 30]:
+        damaged = bytearray(data)
+        damaged[offset : offset + 4] = rng.randbytes(4)
+        for variant in (bytes(damaged), data[:offset]):
+            path.write_bytes(variant)
+            try:
+                read_checkpoint(path)
+                outcomes.append("loaded")
+            except CheckpointError as e:
+                outcomes.append("error")
+                assert str(path) in str(e)
+    assert "error" in outcomes
+
+
 @pytest.mark.parametrize("obj", [[torch.zeros(1)], torch.zeros(3), {"weights": [1, 2]}, {}])
 def test_not_a_state_dict(tmp_path: Path, obj: Any) -> None:
     path = tmp_path / "odd.pth"
@@ -321,7 +444,7 @@ def test_unknown_layout_and_ssd_training_base(tmp_path: Path) -> None:
     assert "VGG16 base an SSD starts training from" in message
 
 
-def _vgg_file(tmp_path: Path, edit: dict[str, Tensor | None]) -> Path:
+def _vgg_file(tmp_path: Path, edit: Mapping[str, Tensor | None]) -> Path:
     sd: dict[str, Tensor] = cf.vgg16_state_dict(2, TINY)
     for key, value in edit.items():
         if value is None:
@@ -331,6 +454,17 @@ def _vgg_file(tmp_path: Path, edit: dict[str, Tensor | None]) -> Path:
     path = tmp_path / "edited.pth"
     torch.save(sd, path)
     return path
+
+
+def _named_keys(message: str) -> set[str]:
+    """Every parameter name (``a.b.weight``, ``L2Norm.weight``, ``x.running_mean`` ...) a message names."""
+    return set(
+        re.findall(r"[A-Za-z_][\w.]*\.(?:weight|bias|running_mean|running_var|scale_weight)\b", message)
+    )
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return str(list(shape))
 
 
 def test_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> None:
@@ -343,27 +477,180 @@ def test_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> None:
     )
     message = _error(CheckpointError, spec)
     assert "does not fit a 2-class vgg16 of width 0.0625" in message
-    assert "2 missing: classifier.3.weight, classifier.3.bias" in message
+    assert (
+        "2 missing: classifier.3.weight (expected shape [256, 256]), classifier.3.bias (expected shape [256])"
+    ) in message
 
     extra = {f"features.{i}.weight": torch.zeros(1) for i in range(40, 46)}
     message = _error(
         CheckpointError, _spec(_vgg_file(tmp_path, extra), "classify", "vgg16", "state_dict", VGG_LABELS)
     )
-    assert re.search(r"6 unexpected: features\.40\.weight, .* \(and 2 more\)", message)
+    assert re.search(r"6 unexpected: features\.40\.weight \(shape \[1\]\), .* \(and 2 more\)", message)
 
     shaped = {"features.2.weight": torch.zeros(5, 4, 3, 3)}
     message = _error(
         CheckpointError, _spec(_vgg_file(tmp_path, shaped), "classify", "vgg16", "state_dict", VGG_LABELS)
     )
-    assert "1 with the wrong shape: features.2.weight [5, 4, 3, 3] (expected [4, 4, 3, 3])" in message
+    assert (
+        "1 with the wrong shape: features.2.weight has shape [5, 4, 3, 3], expected [4, 4, 3, 3]" in message
+    )
 
 
-def test_ssd_keys_that_do_not_fit(tmp_path: Path) -> None:
+def _book_ssd_file(tmp_path: Path, edit: Mapping[str, Tensor | None], size: int = 300) -> Path:
+    sd = cf.book_ssd_state_dict(21, TINY, size)
+    for key, value in edit.items():
+        if value is None:
+            del sd[key]
+        else:
+            sd[key] = value
+    path = tmp_path / "edited_ssd.pth"
+    torch.save(sd, path)
+    return path
+
+
+# The first tensors (vgg.0.weight, conf.0.weight, features.0.weight, classifier.6.*) are the ones a
+# reader is tempted to take the width and class count from: breaking them must not make the
+# other, intact tensors look wrong. Each message names only the broken key, with its shapes.
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "conf.0.weight",
+        "conf.3.bias",
+        "loc.5.weight",
+        "loc.0.bias",
+        "L2Norm.weight",
+        "vgg.0.weight",
+        "extras.7.weight",
+    ],
+)
+def test_book_ssd_missing_tensor_is_named_with_its_shape(tmp_path: Path, key: str) -> None:
+    expected = cf.book_ssd_state_dict(21, TINY)[key].shape
+    message = _error(CheckpointError, _spec(_book_ssd_file(tmp_path, {key: None}), labels=VOC_CLASSES))
+    assert "does not fit a 21-class SSD300 of width 0.0625 (ssd.pytorch layout)" in message
+    assert f"1 missing: {key} (expected shape {_shape(expected)})" in message
+    assert _named_keys(message) == {key}, message
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("vgg.0.weight", (5, 3, 3, 3)),  # width would read 5/64 from it
+        ("vgg.0.weight", (4, 1, 3, 3)),  # a greyscale first conv
+        ("conf.0.weight", (85, 32, 3, 3)),  # 85 rows: not 4 boxes x a class count
+        ("conf.0.weight", (4 * 3, 32, 3, 3)),  # reads as 3 classes
+        ("L2Norm.weight", (64,)),
+    ],
+)
+def test_book_ssd_misshaped_tensor_is_named_with_both_shapes(
+    tmp_path: Path, key: str, shape: tuple[int, ...]
+) -> None:
+    expected = cf.book_ssd_state_dict(21, TINY)[key].shape
+    message = _error(
+        CheckpointError, _spec(_book_ssd_file(tmp_path, {key: torch.zeros(shape)}), labels=VOC_CLASSES)
+    )
+    assert "does not fit a 21-class SSD300 of width 0.0625" in message
+    assert f"1 with the wrong shape: {key} has shape {_shape(shape)}, expected {_shape(expected)}" in message
+    assert _named_keys(message) == {key}, message
+
+
+def test_ssd512_with_two_broken_tensors_names_both(tmp_path: Path) -> None:
+    path = _book_ssd_file(tmp_path, {"loc.6.weight": None, "extras.3.weight": torch.zeros(3, 3, 3, 3)}, 512)
+    message = _error(CheckpointError, _spec(path, arch="ssd512", labels=VOC_CLASSES))
+    assert "a 21-class SSD512 of width 0.0625" in message and "77 of its 78 tensors" in message
+    assert "extras.3.weight has shape [3, 3, 3, 3], expected [16, 8, 3, 3]" in message
+    assert "loc.6.weight (expected shape [16, 16, 3, 3])" in message
+    assert _named_keys(message) == {"loc.6.weight", "extras.3.weight"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "head.classification_head.module_list.0.weight",
+        "head.regression_head.module_list.5.bias",
+        "backbone.features.0.weight",
+        "backbone.scale_weight",
+    ],
+)
+def test_torchvision_ssd_missing_tensor_is_named_as_the_file_names_it(tmp_path: Path, key: str) -> None:
+    sd = cf.torchvision_ssd_state_dict(91, TINY)
+    expected = sd.pop(key).shape
+    torch.save(sd, tmp_path / "tv.pth")
+    message = _error(CheckpointError, _spec(tmp_path / "tv.pth"))
+    assert "does not fit a 91-class SSD300 of width 0.0625 (torchvision's layout)" in message
+    assert f"1 missing: {key} (expected shape {_shape(expected)})" in message
+    assert _named_keys(message) == {key}, message  # torchvision's names, not the book's
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("classifier.0.weight", (256, 999)),  # fc6 of a network with another input size
+        ("classifier.3.weight", (100, 256)),
+        ("classifier.3.bias", (100,)),
+        ("features.0.weight", (5, 3, 3, 3)),  # the one the width is read from
+    ],
+)
+def test_vgg_misshaped_layer_is_named_with_both_shapes(
+    tmp_path: Path, key: str, shape: tuple[int, ...]
+) -> None:
+    expected = cf.vgg16_state_dict(2, TINY)[key].shape
+    spec = _spec(
+        _vgg_file(tmp_path, {key: torch.zeros(shape)}), "classify", "vgg16", "state_dict", VGG_LABELS
+    )
+    message = _error(CheckpointError, spec)
+    assert (
+        "does not fit a 2-class vgg16 of width 0.0625, the network 31 of its 32 tensors describe" in message
+    )
+    assert f"1 with the wrong shape: {key} has shape {_shape(shape)}, expected {_shape(expected)}" in message
+    assert _named_keys(message) == {key}, message
+
+
+def test_vgg_whose_last_layer_disagrees_with_itself_gives_both_readings(tmp_path: Path) -> None:
+    """classifier.6.weight says 3 classes, classifier.6.bias 2: nothing in the file tells which is
+    broken, so the message gives both readings instead of blaming one at random."""
+    spec = _spec(
+        _vgg_file(tmp_path, {"classifier.6.weight": torch.zeros(3, 256)}),
+        "classify",
+        "vgg16",
+        "state_dict",
+        VGG_LABELS,
+    )
+    message = _error(CheckpointError, spec)
+    assert "3-class vgg16" in message and "2-class vgg16" in message
+    assert "classifier.6.bias has shape [2], expected [3]" in message
+    assert "classifier.6.weight has shape [3, 256], expected [2, 256]" in message
+
+
+def test_inference_reads_the_majority_of_tensors() -> None:
     sd = cf.book_ssd_state_dict(21, TINY)
-    del sd["conf.3.bias"]
-    torch.save(sd, tmp_path / "ssd.pth")
-    message = _error(CheckpointError, _spec(tmp_path / "ssd.pth", fmt="ssd.pytorch", labels=VOC_CLASSES))
-    assert "does not fit an SSD" in message and "conf.3.bias is missing" in message
+    sd["vgg.0.weight"], sd["conf.0.weight"] = torch.zeros(5, 3, 3, 3), torch.zeros(12, 32, 3, 3)
+    fit = fit_state_dict(sd, "ssd")
+    assert (fit.arch, fit.num_classes, fit.width, fit.matched) == ("ssd300", 21, TINY, 69)
+    assert fit.problems == (
+        KeyProblem("vgg.0.weight", (5, 3, 3, 3), (4, 3, 3, 3)),
+        KeyProblem("conf.0.weight", (12, 32, 3, 3), (84, 32, 3, 3)),
+    )
+    good = fit_state_dict(cf.book_ssd_state_dict(7, 1 / 8, 512), "ssd")
+    assert (good.arch, good.num_classes, good.width, good.problems) == ("ssd512", 7, 1 / 8, ())
+    vgg = fit_state_dict(cf.vgg16_state_dict(5, 1 / 8, bn=True, num_batches_tracked=False), "vgg")
+    assert (vgg.arch, vgg.num_classes, vgg.width, vgg.problems) == ("vgg16_bn", 5, 1 / 8, ())
+
+
+def test_nothing_to_read_the_class_count_from(tmp_path: Path) -> None:
+    sd = {k: v for k, v in cf.book_ssd_state_dict(21, TINY).items() if not k.startswith("conf.")}
+    torch.save(sd, tmp_path / "headless.pth")
+    message = _error(CheckpointError, _spec(tmp_path / "headless.pth", labels=VOC_CLASSES))
+    assert "no class head tensor (conf.N.weight / conf.N.bias)" in message
+    spec = _spec(
+        _vgg_file(tmp_path, {"classifier.6.weight": None, "classifier.6.bias": None}),
+        "classify",
+        "vgg16",
+        "state_dict",
+        VGG_LABELS,
+    )
+    assert "classifier.6.weight and classifier.6.bias" in _error(CheckpointError, spec)
 
 
 def test_labels_count_is_explained(tiny: dict[str, Path]) -> None:
