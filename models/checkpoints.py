@@ -56,10 +56,13 @@ import hashlib
 import os
 import pickle
 import re
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -81,18 +84,21 @@ from models.ssd import (
     SSD512_VOC,
     ExtraBlock,
     SSDConfig,
-    describe_ssd_state_dict,
+    book_to_torchvision,
     torchvision_to_book,
 )
 from models.types import ARCHS, ModelSpec, Task
-from models.vgg import VGG_BUILDERS, describe_vgg_state_dict
+from models.vgg import VGG_BUILDERS
 
 __all__ = [
     "PROJECT_FORMAT",
     "PROJECT_VERSION",
     "BuiltModel",
+    "KeyProblem",
+    "StateDictFit",
     "build_model",
     "detect_layout",
+    "fit_state_dict",
     "project_checkpoint",
     "read_checkpoint",
     "read_state_dict",
@@ -139,13 +145,16 @@ def _check_file(path: Path) -> None:
         raise CheckpointError(f"weights file is not readable: {path.absolute()}; check its permissions")
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-                    expected_sha256: str | None = None) -> tuple[Any, str]:
+def read_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", expected_sha256: str | None = None
+) -> tuple[Any, str]:
     """Load a checkpoint file as data: -> (the loaded object, the file's SHA-256).
 
     The SHA-256 is computed (and compared with ``expected_sha256``, if given) before unpickling.
-    Raises CheckpointError for a missing or unreadable file, a hash mismatch, a truncated or
-    corrupt file, and a file ``weights_only`` refuses (e.g. ``torch.save(model)``).
+    Raises CheckpointError for a missing or unreadable file, a hash mismatch, and a file torch
+    cannot read, saying which kind it is: empty, not a checkpoint at all (random bytes, a web page),
+    a zip that is not torch's, truncated or corrupt, a plain ``pickle.dump``, or an object
+    ``weights_only`` refuses (e.g. ``torch.save(model)``).
     """
     path = Path(path)
     _check_file(path)
@@ -160,21 +169,94 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         )
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f" (refused: {found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"{path} holds a pickled Python object (e.g. torch.save(model)), not a state_dict; "
-                f"save model.state_dict() instead and load that{what}. Objects are refused because "
-                "unpickling them can run code"
-            ) from None
-        raise _corrupt(path, e) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, IndexError) as e:
-        if "CUDA" in str(e):  # only when the caller passed a cuda map_location without a GPU
+    except Exception as e:  # any failure to read the file becomes one clear message
+        if "CUDA" in str(e) and not isinstance(e, pickle.UnpicklingError):
+            # only when the caller passed a cuda map_location without a GPU
             raise CheckpointError(f"cannot load {path} onto {map_location}: {e}") from None
-        raise _corrupt(path, e) from None
+        raise _unreadable(path, e) from None
     return obj, digest
+
+
+#: how torch.save files begin: a zip archive (torch >= 1.6), or pickles of which the first holds
+#: torch's magic number (the legacy format)
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+_HEAD_BYTES = 64
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """The CheckpointError for a file ``torch.load(weights_only=True)`` failed on, told from the
+    file's first bytes and the error: empty, not a checkpoint at all, a zip that is not torch's, a
+    zip or legacy file cut short, a plain pickle, a pickled object, a legacy pickle protocol."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError as e:
+        return CheckpointError(f"cannot read weights file {path}: {e.strerror or e}")
+    refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if not head:
+        return CheckpointError(
+            f"{path} is empty (0 bytes), not a PyTorch checkpoint; download or copy it again"
+        )
+    if head.startswith(_ZIP_MAGIC):
+        names = _zip_names(path)
+        if names is None:
+            return CheckpointError(
+                f"{path} is a zip archive cut short or damaged (its table of contents, at the end, cannot "
+                "be read): truncated or corrupt; download or copy it again"
+            )
+        if not any(name.endswith("/data.pkl") for name in names):
+            return CheckpointError(
+                f"{path} is a zip archive but not a PyTorch checkpoint: it holds {_listing(names, 3)}, "
+                "not the .../data.pkl that torch.save writes; point the models file at the .pth file itself"
+            )
+    elif len(head) >= 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+        if _LEGACY_MAGIC not in head:
+            what = f"{path} is a plain Python pickle (pickle.dump), not a file written by torch.save"
+            if refused:
+                what += (
+                    f", and it refers to {refused.group(1)}, refused because unpickling objects can run code"
+                )
+            return CheckpointError(f"{what}; save the weights with torch.save(model.state_dict(), path)")
+        if not refused and head[1] > 2 and "Unsupported operand" in str(error):
+            return CheckpointError(
+                f"{path} is a legacy-format torch.save file written with pickle protocol {head[1]}, which "
+                "the safe loader (weights_only) cannot read; save it again with torch.save(state_dict, path) "
+                "and the default settings"
+            )
+    else:
+        return CheckpointError(
+            f"{path} is not a PyTorch checkpoint: torch.save writes a zip archive (before torch 1.6, a "
+            f"pickle), and this file is neither{_text_hint(head)}; check that the path names the weights file"
+        )
+    if refused:
+        return CheckpointError(
+            f"{path} holds a pickled Python object (e.g. torch.save(model)), not a state_dict; "
+            f"save model.state_dict() instead and load that (refused: {refused.group(1)}). Objects are "
+            "refused because unpickling them can run code"
+        )
+    return _corrupt(path, error)
+
+
+def _zip_names(path: Path) -> list[str] | None:
+    """The names in a zip archive, or None when its table of contents cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except Exception:  # zipfile raises several kinds on damaged archives; all mean "unreadable"
+        return None
+
+
+def _text_hint(head: bytes) -> str:
+    """``" (it starts with text: ...)"`` when ``head`` reads as text, e.g. an error page saved
+    in place of the file; else nothing."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if not text.strip() or not all(c.isprintable() or c.isspace() for c in text):
+        return ""
+    return f" (it starts with text: {' '.join(text.split())[:40]!r}, perhaps a web page saved in its place)"
 
 
 def _corrupt(path: Path, e: BaseException) -> CheckpointError:
@@ -212,12 +294,13 @@ def unwrap_state_dict(obj: Any, path: str | os.PathLike[str] = "the checkpoint")
 
 def _strip_module(key: str) -> str:
     while key.startswith("module."):
-        key = key[len("module."):]
+        key = key[len("module.") :]
     return key
 
 
-def read_state_dict(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
-                    expected_sha256: str | None = None) -> dict[str, Tensor]:
+def read_state_dict(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu", expected_sha256: str | None = None
+) -> dict[str, Tensor]:
     """:func:`read_checkpoint` then :func:`unwrap_state_dict` (a project file gives its state_dict)."""
     obj, _ = read_checkpoint(path, map_location, expected_sha256)
     return unwrap_state_dict(obj, path)
@@ -256,30 +339,223 @@ def _listing(items: Sequence[str], shown: int = 4) -> str:
     return head + (f" (and {len(items) - shown} more)" if len(items) > shown else "")
 
 
-def _check_keys(path: Path, sd: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
-    """CheckpointError listing missing / unexpected / mis-shaped keys of ``sd`` against ``expected``."""
-    # files older than torch 0.4.1 (torchvision's vgg16_bn) lack BatchNorm's num_batches_tracked,
-    # which load_state_dict fills in
-    missing = [k for k in expected if k not in sd and not k.endswith(".num_batches_tracked")]
-    unexpected = [k for k in sd if k not in expected]
-    shaped = [
-        f"{k} {list(sd[k].shape)} (expected {list(t.shape)})"
-        for k, t in expected.items()
-        if k in sd and sd[k].shape != t.shape
-    ]
-    if not (missing or unexpected or shaped):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing: {_listing(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
-    if shaped:
-        parts.append(f"{len(shaped)} with the wrong shape: {_listing(shaped, 3)}")
-    raise CheckpointError(
-        f"{path} does not fit {what}: " + "; ".join(parts)
-        + ". Check that the file and the models file's arch/format describe the same network"
+# --------------------------------------------------------------------------------------------- fitting
+
+
+@dataclass(frozen=True)
+class KeyProblem:
+    """A tensor that does not fit a network: missing (``found`` is None), not one of the network's
+    (``expected`` is None), or of the wrong shape."""
+
+    key: str
+    found: tuple[int, ...] | None
+    expected: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class StateDictFit:
+    """The network a state_dict describes best, and the tensors that do not fit it.
+
+    ``arch``: "vgg16", "vgg16_bn", "ssd300" or "ssd512". ``matched``: tensors with the network's
+    name and shape; ``problems``: the others, in the network's key order, then the file's keys the
+    network does not have (empty: a perfect fit). ``alternative``: another network that fits as many tensors,
+    when the file cannot tell the two apart (then one of its broken tensors is in each list).
+    """
+
+    arch: str
+    num_classes: int
+    width: float
+    matched: int
+    problems: tuple[KeyProblem, ...]
+    alternative: StateDictFit | None = None
+
+
+#: how many of the most common readings of the width and of the class count are tried
+_READINGS_TRIED = 3
+_CONF_KEY = re.compile(r"^conf\.(\d+)\.(?:weight|bias)$")
+_HEAD_KEY = re.compile(r"^(?:loc|conf)\.(\d+)\.")
+_RUNNING_MEAN = re.compile(r"^features\.\d+\.running_mean$")
+
+
+def fit_state_dict(sd: Mapping[str, Tensor], family: Literal["vgg", "ssd"]) -> StateDictFit:
+    """The VGG16 / VGG16-BN (``family="vgg"``, torchvision's keys) or SSD300 / SSD512 (``"ssd"``,
+    the book's keys) that most tensors of ``sd`` describe, and the tensors that do not fit it.
+
+    Width and class count are read from every tensor that shows them (each backbone layer's output
+    channels against the full-size network's, each class head's rows) and the most common readings
+    are tried, so one broken tensor cannot make the others look wrong. Raises ValueError, in plain
+    words, when no tensor shows the width or the class count.
+    """
+    fits = _vgg_fits(sd) if family == "vgg" else _ssd_fits(sd)
+    best = fits[0]
+    if best.problems:
+        fits.sort(key=lambda fit: (-fit.matched, len(fit.problems)))  # stable: the likeliest first
+        best = fits[0]
+        rival = next(
+            (f for f in fits[1:] if (f.matched, len(f.problems)) == (best.matched, len(best.problems))), None
+        )
+        if rival is not None:
+            best = dataclasses.replace(best, alternative=rival)
+    return best
+
+
+def _compare(sd: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> tuple[int, tuple[KeyProblem, ...]]:
+    """(tensors of ``sd`` that fit ``expected`` by name and shape, the problems of the others)."""
+    matched, problems = 0, []
+    for key, want in expected.items():
+        got = sd.get(key)
+        if got is None:
+            # files older than torch 0.4.1 (torchvision's vgg16_bn) lack BatchNorm's
+            # num_batches_tracked, which load_state_dict fills in
+            if not key.endswith(".num_batches_tracked"):
+                problems.append(KeyProblem(key, None, tuple(want.shape)))
+        elif got.shape == want.shape:
+            matched += 1
+        else:
+            problems.append(KeyProblem(key, tuple(got.shape), tuple(want.shape)))
+    problems += [KeyProblem(key, tuple(t.shape), None) for key, t in sd.items() if key not in expected]
+    return matched, tuple(problems)
+
+
+def _meta_state_dict(build: Callable[[], nn.Module]) -> dict[str, Tensor]:
+    with torch.device("meta"):  # shapes only, no memory
+        return build().state_dict()
+
+
+def _width_readings(sd: Mapping[str, Tensor], full: Mapping[str, Tensor], keys: Iterable[str]) -> list[float]:
+    """The most common widths ``keys`` show: their output channels in ``sd`` over the full-size
+    network's (``full``)."""
+    readings: Counter[float] = Counter()
+    for key in keys:
+        got, ref = sd.get(key), full.get(key)
+        if got is not None and ref is not None and got.dim() >= 1 and ref.dim() >= 1 and got.shape[0] > 0:
+            readings[got.shape[0] / ref.shape[0]] += 1
+    return [value for value, _ in readings.most_common(_READINGS_TRIED)]
+
+
+def _ssd_fits(sd: Mapping[str, Tensor]) -> list[StateDictFit]:
+    heads = 1 + max((int(m.group(1)) for k in sd if (m := _HEAD_KEY.match(k))), default=-1)
+    configs = sorted((SSD300_VOC, SSD512_VOC), key=lambda c: len(c.feature_maps) != heads)
+    full: dict[str, Tensor] = {}
+    for config in configs:  # backbone and extras keys: the same channels in both where both have them
+        full.update(_meta_state_dict(partial(SSD, 2, config, 1.0)))
+    widths = _width_readings(sd, full, [k for k in full if k.startswith(("vgg.", "extras.", "L2Norm."))])
+    readings: Counter[int] = Counter()
+    for key, tensor in sd.items():
+        m = _CONF_KEY.match(key)
+        if m is None or tensor.dim() < 1:
+            continue
+        source, rows = int(m.group(1)), tensor.shape[0]
+        boxes = {c.boxes_per_location[source] for c in configs if source < len(c.boxes_per_location)}
+        readings.update({rows // n for n in boxes if rows % n == 0 and rows // n >= 2})
+    classes = [value for value, _ in readings.most_common(_READINGS_TRIED)]
+    if not widths:
+        raise ValueError("no backbone tensor (vgg.N.*, extras.N.*, L2Norm.weight) shows the network's width")
+    if not classes:
+        raise ValueError("no class head tensor (conf.N.weight / conf.N.bias) shows the number of classes")
+    fits = []
+    for config in configs:
+        for width in widths:
+            for num_classes in classes:
+                expected = _meta_state_dict(partial(SSD, num_classes, config, width))
+                matched, problems = _compare(sd, expected)
+                fits.append(StateDictFit(f"ssd{config.input_size}", num_classes, width, matched, problems))
+                if not problems:
+                    return [fits[-1]]
+    return fits
+
+
+def _vgg_fits(sd: Mapping[str, Tensor]) -> list[StateDictFit]:
+    has_bn = any(_RUNNING_MEAN.match(k) for k in sd)
+    readings = Counter(
+        int(t.shape[0])
+        for k in ("classifier.6.weight", "classifier.6.bias")
+        if (t := sd.get(k)) is not None and t.dim() >= 1 and t.shape[0] > 0
     )
+    classes = [value for value, _ in readings.most_common(_READINGS_TRIED)]
+    if not classes:
+        raise ValueError(
+            "classifier.6.weight and classifier.6.bias, the last layer, are both missing, "
+            "so the number of classes cannot be read"
+        )
+    fits = []
+    for arch in ("vgg16_bn", "vgg16") if has_bn else ("vgg16", "vgg16_bn"):
+        build = VGG_BUILDERS[arch]
+        full = _meta_state_dict(partial(build, num_classes=1, width=1.0))
+        widths = _width_readings(sd, full, [k for k in full if not k.startswith("classifier.6.")])
+        for width in widths:
+            for num_classes in classes:
+                expected = _meta_state_dict(partial(build, num_classes=num_classes, width=width))
+                matched, problems = _compare(sd, expected)
+                fits.append(StateDictFit(arch, num_classes, width, matched, problems))
+                if not problems:
+                    return [fits[-1]]
+    if not fits:
+        raise ValueError("no features.N / classifier.N tensor shows the network's width")
+    return fits
+
+
+def _problem_words(problems: Sequence[KeyProblem], name: Callable[[str], str] = str) -> str:
+    """The problems in words, the wrong shapes first; ``name`` gives a key as the file spells it."""
+    wrong = [p for p in problems if p.found is not None and p.expected is not None]
+    missing = [p for p in problems if p.found is None]
+    unexpected = [p for p in problems if p.expected is None]
+    parts = []
+    if wrong:
+        shapes = [
+            f"{name(p.key)} has shape {list(p.found or ())}, expected {list(p.expected or ())}" for p in wrong
+        ]
+        parts.append(f"{len(wrong)} with the wrong shape: {_listing(shapes, 3)}")
+    if missing:
+        parts.append(
+            f"{len(missing)} missing: "
+            + _listing([f"{name(p.key)} (expected shape {list(p.expected or ())})" for p in missing])
+        )
+    if unexpected:
+        parts.append(
+            f"{len(unexpected)} unexpected: "
+            + _listing([f"{name(p.key)} (shape {list(p.found or ())})" for p in unexpected])
+        )
+    return "; ".join(parts)
+
+
+def _fit(path: Path, sd: Mapping[str, Tensor], family: Literal["vgg", "ssd"], layout: str) -> StateDictFit:
+    try:
+        return fit_state_dict(sd, family)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is in {layout}, but {e}") from None
+
+
+def _check_fit(
+    path: Path, fit: StateDictFit, total: int, what: str, name: Callable[[str], str] = str
+) -> None:
+    """CheckpointError naming the tensors that do not fit ``fit``'s network (``what``), if any."""
+    if not fit.problems:
+        return
+    message = (
+        f"{path} does not fit {what}, the network {fit.matched} of its {total} tensors describe: "
+        f"{_problem_words(fit.problems, name)}"
+    )
+    other = fit.alternative
+    if other is not None:
+        message += (
+            f"; or, if it is a {other.num_classes}-class {other.arch} of width {other.width:g}: "
+            f"{_problem_words(other.problems, name)}"
+        )
+    raise CheckpointError(
+        message + ". The rest of the file fits that network, so the file was saved from a modified network, "
+        "or edited or damaged since"
+    )
+
+
+def _check_keys(path: Path, sd: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
+    """CheckpointError naming the missing / unexpected / mis-shaped keys of ``sd`` against ``expected``."""
+    _, problems = _compare(sd, expected)
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit {what}: {_problem_words(problems)}. "
+            "Check that the file and the models file's arch/format describe the same network"
+        )
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -359,11 +635,8 @@ def resolve_format(spec: ModelSpec, path: Path, obj: Any, layout: str) -> str:
     if spec.format == "auto":
         if layout in _FORMAT_FOR_LAYOUT:
             return _FORMAT_FOR_LAYOUT[layout]
-        try:
-            num_classes = describe_vgg_state_dict(unwrap_state_dict(obj, path)).num_classes
-        except ValueError as e:
-            raise CheckpointError(f"{path} is not a usable VGG16 state_dict: {e}") from None
-        return "torchvision" if num_classes == 1000 else "state_dict"
+        fit = _fit(path, unwrap_state_dict(obj, path), "vgg", _LAYOUT_WORDS[layout])
+        return "torchvision" if fit.num_classes == 1000 else "state_dict"
     allowed = {
         "ssd.pytorch": ("ssd.pytorch",),
         "torchvision-ssd": ("torchvision",),
@@ -374,13 +647,19 @@ def resolve_format(spec: ModelSpec, path: Path, obj: Any, layout: str) -> str:
     if spec.format not in allowed:
         raise CheckpointError(
             f"{path} is in {_LAYOUT_WORDS[layout]}, but the models file says format = {spec.format!r}; "
-            f"use format = {allowed[0]!r}" + (" (or \"auto\")" if layout != "project" else "")
+            f"use format = {allowed[0]!r}" + (' (or "auto")' if layout != "project" else "")
         )
     return spec.format
 
 
-def _labels(spec: ModelSpec, path: Path, expected: int, what: str, default: Sequence[str] | None,
-            background_note: str = "") -> list[str]:
+def _labels(
+    spec: ModelSpec,
+    path: Path,
+    expected: int,
+    what: str,
+    default: Sequence[str] | None,
+    background_note: str = "",
+) -> list[str]:
     if spec.labels is None:
         if default is not None and len(default) == expected:
             return list(default)
@@ -404,67 +683,90 @@ def _load_into(path: Path, model: nn.Module, sd: Mapping[str, Tensor], what: str
 
 
 def _build_classifier(spec: ModelSpec, path: Path, sd: dict[str, Tensor], fmt: str) -> BuiltModel:
-    try:
-        shape = describe_vgg_state_dict(sd)
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not a usable VGG16 state_dict: {e}") from None
-    bn = shape.arch == "vgg16_bn"
-    what = f"a {shape.num_classes}-class {shape.arch} in torchvision's VGG layout"
-    if shape.arch != spec.arch:
+    fit = _fit(path, sd, "vgg", _LAYOUT_WORDS["vgg"])
+    what = f"a {fit.num_classes}-class {fit.arch} in torchvision's VGG layout"
+    if fit.arch != spec.arch:
+        bn = fit.arch == "vgg16_bn"
         hint = "it has BatchNorm layers (features.1.running_mean)" if bn else "it has no BatchNorm layers"
         raise CheckpointError(
             f"{path} is {what}: {hint}, but the models file says arch = {spec.arch!r}; "
-            f"use arch = {shape.arch!r}"
+            f"use arch = {fit.arch!r}"
         )
+    _check_fit(path, fit, len(sd), f"a {fit.num_classes}-class {fit.arch} of width {fit.width:g}")
     with torch.device("meta"):
-        model = VGG_BUILDERS[shape.arch](num_classes=shape.num_classes, width=shape.width)
-    _load_into(path, model, sd, f"a {shape.num_classes}-class {shape.arch} of width {shape.width:g}")
+        model = VGG_BUILDERS[fit.arch](num_classes=fit.num_classes, width=fit.width)
+    _load_into(path, model, sd, f"a {fit.num_classes}-class {fit.arch} of width {fit.width:g}")
     if fmt == "torchvision":
         default_labels: Sequence[str] | None = IMAGENET_CATEGORIES
         resize, crop = TORCHVISION_CLASSIFIER_PRESET
     else:
         default_labels = None
         resize, crop = BOOK_CLASSIFIER_PRESET
-    labels = _labels(spec, path, shape.num_classes, what, default_labels)
+    labels = _labels(spec, path, fit.num_classes, what, default_labels)
     transform = ClassifierTransform(spec.resize or resize, spec.crop or crop)
-    return BuiltModel(model, "classify", shape.arch, fmt, labels, transform, shape.width, sha256="")
+    return BuiltModel(model, "classify", fit.arch, fmt, labels, transform, fit.width, sha256="")
 
 
 def _build_detector(spec: ModelSpec, path: Path, sd: dict[str, Tensor], fmt: str) -> BuiltModel:
     layout_words = _LAYOUT_WORDS["ssd.pytorch" if fmt == "ssd.pytorch" else "torchvision-ssd"]
+    name: Callable[[str], str] = str
     if fmt == "torchvision":
         try:
             sd = torchvision_to_book(sd)
         except ValueError as e:
             raise CheckpointError(f"{path} is not a torchvision ssd300_vgg16 state_dict: {e}") from None
-    try:
-        shape = describe_ssd_state_dict(sd)
-    except ValueError as e:
-        raise CheckpointError(f"{path} is in {layout_words} but does not fit an SSD: {e}") from None
-    arch = f"ssd{shape.size}"
+        name = _torchvision_name  # messages name the keys as the file spells them
+    fit = _fit(path, sd, "ssd", layout_words)
+    size = SSD512_VOC.input_size if fit.arch == "ssd512" else SSD300_VOC.input_size
     short = "ssd.pytorch layout" if fmt == "ssd.pytorch" else "torchvision's layout"
-    what = f"a {shape.num_classes}-class SSD{shape.size} in {short}"
-    if arch != spec.arch:
+    what = f"a {fit.num_classes}-class SSD{size} in {short}"
+    if fit.arch != spec.arch:
         raise CheckpointError(
-            f"{path} is {what} ({shape.size}x{shape.size} input, {6 if shape.size == 300 else 7} detection "
-            f"sources), but the models file says arch = {spec.arch!r}; use arch = {arch!r}"
+            f"{path} is {what} ({size}x{size} input, {6 if size == 300 else 7} detection "
+            f"sources), but the models file says arch = {spec.arch!r}; use arch = {fit.arch!r}"
         )
+    _check_fit(
+        path, fit, len(sd), f"a {fit.num_classes}-class SSD{size} of width {fit.width:g} ({short})", name
+    )
     if fmt == "torchvision":
-        if shape.size != 300:
-            raise CheckpointError(f"{path}: torchvision has no SSD{shape.size}; use format = \"ssd.pytorch\"")
+        if size != 300:
+            raise CheckpointError(f'{path}: torchvision has no SSD{size}; use format = "ssd.pytorch"')
         config, post, offset = SSD300_COCO, TORCHVISION_POSTPROCESS, 0
-        labels = _torchvision_labels(spec, path, shape.num_classes, what)
+        labels = _torchvision_labels(spec, path, fit.num_classes, what)
     else:
-        config = SSD300_VOC if shape.size == 300 else SSD512_VOC
+        config = SSD300_VOC if size == 300 else SSD512_VOC
         post, offset = BOOK_POSTPROCESS, 1
-        what_labels = f"{what} ({shape.num_classes - 1} labels + background)"
-        labels = _labels(spec, path, shape.num_classes - 1, what_labels, None,
-                         " (background excluded, as the book's VOC_CLASSES)")
+        what_labels = f"{what} ({fit.num_classes - 1} labels + background)"
+        labels = _labels(
+            spec,
+            path,
+            fit.num_classes - 1,
+            what_labels,
+            None,
+            " (background excluded, as the book's VOC_CLASSES)",
+        )
     with torch.device("meta"):
-        model = SSD(shape.num_classes, config, shape.width)
+        model = SSD(fit.num_classes, config, fit.width)
     _load_into(path, model, sd, what)
-    return BuiltModel(model, "detect", arch, fmt, labels, SSDTransform(config.input_size), shape.width, "",
-                      config, default_boxes(config), post, offset)
+    return BuiltModel(
+        model,
+        "detect",
+        fit.arch,
+        fmt,
+        labels,
+        SSDTransform(config.input_size),
+        fit.width,
+        "",
+        config,
+        default_boxes(config),
+        post,
+        offset,
+    )
+
+
+def _torchvision_name(book_key: str) -> str:
+    """torchvision's name of a book-layout SSD key."""
+    return next(iter(book_to_torchvision({book_key: torch.empty(0)})))
 
 
 def _torchvision_labels(spec: ModelSpec, path: Path, num_classes: int, what: str) -> list[str]:
@@ -472,8 +774,14 @@ def _torchvision_labels(spec: ModelSpec, path: Path, num_classes: int, what: str
     first; a list without it (num_classes - 1) gets "__background__" prepended."""
     if spec.labels is not None and len(spec.labels) == num_classes - 1:
         return ["__background__", *spec.labels]
-    return _labels(spec, path, num_classes, f"{what} ({num_classes} classes, background at 0)",
-                   COCO_CATEGORIES, " (background first, or the other " f"{num_classes - 1} alone)")
+    return _labels(
+        spec,
+        path,
+        num_classes,
+        f"{what} ({num_classes} classes, background at 0)",
+        COCO_CATEGORIES,
+        f" (background first, or the other {num_classes - 1} alone)",
+    )
 
 
 # --------------------------------------------------------------------------------------------- project format
@@ -511,9 +819,16 @@ def _post_to_plain(config: PostprocessConfig) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def project_checkpoint(model: nn.Module, *, task: Task, arch: str, labels: Sequence[str],
-                       preprocess: Mapping[str, Any], postprocess: Mapping[str, Any] | None = None,
-                       metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def project_checkpoint(
+    model: nn.Module,
+    *,
+    task: Task,
+    arch: str,
+    labels: Sequence[str],
+    preprocess: Mapping[str, Any],
+    postprocess: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The project-format dict for ``model`` (a :class:`models.vgg.VGG` or :class:`models.ssd.SSD`).
 
     ``preprocess``: ``{"kind": "classifier", "resize", "crop"}`` or ``{"kind": "ssd", "size"}``.
@@ -536,8 +851,11 @@ def project_checkpoint(model: nn.Module, *, task: Task, arch: str, labels: Seque
             "class_offset": int((postprocess or {}).get("class_offset", 1 if semantics == "book" else 0)),
             "config": _post_to_plain(dataclasses.replace(base, **overrides)),
         }
-        arch_args: dict[str, Any] = {"num_classes": model.num_classes, "width": float(model.width),
-                                     "ssd_config": _config_to_plain(model.config)}
+        arch_args: dict[str, Any] = {
+            "num_classes": model.num_classes,
+            "width": float(model.width),
+            "ssd_config": _config_to_plain(model.config),
+        }
     else:
         num_classes = int(model.classifier[-1].out_features)  # type: ignore[index,union-attr]
         first = model.features[0].out_channels  # type: ignore[index,union-attr]
@@ -557,15 +875,29 @@ def project_checkpoint(model: nn.Module, *, task: Task, arch: str, labels: Seque
     }
 
 
-def save_project_checkpoint(path: str | os.PathLike[str], model: nn.Module, *, task: Task, arch: str,
-                            labels: Sequence[str], preprocess: Mapping[str, Any],
-                            postprocess: Mapping[str, Any] | None = None,
-                            metadata: Mapping[str, Any] | None = None) -> Path:
+def save_project_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    task: Task,
+    arch: str,
+    labels: Sequence[str],
+    preprocess: Mapping[str, Any],
+    postprocess: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``model`` as a project checkpoint (see :func:`project_checkpoint`); returns the path.
     Raises ModelConfigError if ``metadata`` / ``preprocess`` hold anything ``weights_only`` would
     refuse to read back (only str, int, float, bool, None, lists, tuples and str-keyed dicts)."""
-    ckpt = project_checkpoint(model, task=task, arch=arch, labels=labels, preprocess=preprocess,
-                              postprocess=postprocess, metadata=metadata)
+    ckpt = project_checkpoint(
+        model,
+        task=task,
+        arch=arch,
+        labels=labels,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        metadata=metadata,
+    )
     for key in ("preprocess", "postprocess", "metadata", "arch_args"):
         _check_plain(ckpt[key], key)
     path = Path(path)
@@ -591,8 +923,10 @@ def _check_plain(value: Any, where: str) -> None:
 
 def _build_project(spec: ModelSpec, path: Path, obj: Mapping[str, Any]) -> BuiltModel:
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"{path} is a vision-serve project file but {what}; write it again with "
-                               "models.checkpoints.save_project_checkpoint")
+        return CheckpointError(
+            f"{path} is a vision-serve project file but {what}; write it again with "
+            "models.checkpoints.save_project_checkpoint"
+        )
 
     if obj.get("version") != PROJECT_VERSION:
         raise CheckpointError(
@@ -623,7 +957,8 @@ def _build_project(spec: ModelSpec, path: Path, obj: Mapping[str, Any]) -> Built
         num_classes, width = int(args["num_classes"]), float(args["width"])
         if arch.startswith("vgg"):
             transform: ClassifierTransform | SSDTransform = ClassifierTransform(
-                spec.resize or int(pre["resize"]), spec.crop or int(pre["crop"]))
+                spec.resize or int(pre["resize"]), spec.crop or int(pre["crop"])
+            )
             kind_ok = pre.get("kind") == "classifier"
         else:
             config = _config_from_plain(args["ssd_config"])
@@ -662,5 +997,18 @@ def _build_project(spec: ModelSpec, path: Path, obj: Mapping[str, Any]) -> Built
     if anchors != priors.shape[0]:
         raise bad(f"its default boxes ({priors.shape[0]}) do not match the network's {anchors} outputs")
     _load_into(path, ssd, sd, what)
-    return BuiltModel(ssd, "detect", arch, "project", labels, transform, width, "", config, priors,
-                      post_config, offset, metadata=metadata)
+    return BuiltModel(
+        ssd,
+        "detect",
+        arch,
+        "project",
+        labels,
+        transform,
+        width,
+        "",
+        config,
+        priors,
+        post_config,
+        offset,
+        metadata=metadata,
+    )

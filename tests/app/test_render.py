@@ -5,6 +5,9 @@ class, the same errors as the JSON endpoints."""
 from __future__ import annotations
 
 import io
+import itertools
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -13,7 +16,17 @@ import pytest
 from PIL import Image
 
 from app.main import create_app
-from app.render import DrawnBox, class_colour, draw_detections, font_size, negotiate
+from app.render import (
+    SMALL_IMAGE_PX,
+    SMALL_MIN_FONT_PX,
+    DrawnBox,
+    class_colour,
+    draw_detections,
+    font_size,
+    label_layout,
+    line_width,
+    negotiate,
+)
 from tests.app.harness import CLASSIFIER, DETECTOR, VOC_DETECTOR, settings_for
 from tests.app.helpers import jpeg, png, png_header_only
 
@@ -37,7 +50,8 @@ def pixels(response: httpx.Response) -> np.ndarray:
 def decoded(data: bytes) -> np.ndarray:
     from app.images import decode_image
 
-    return np.asarray(decode_image(data, 10**8))
+    decoded_image: np.ndarray = np.asarray(decode_image(data, 10**8))
+    return decoded_image
 
 
 async def detections(client: httpx.AsyncClient, data: bytes, **params: Any) -> dict[str, Any]:
@@ -49,7 +63,8 @@ async def detections(client: httpx.AsyncClient, data: bytes, **params: Any) -> d
 
 def edge_pixel(image: np.ndarray, box: dict[str, float]) -> np.ndarray:
     """A pixel on the left edge of ``box``, halfway down (inside the drawn outline)."""
-    return image[int((box["y1"] + box["y2"]) / 2), int(box["x1"])]
+    pixel: np.ndarray = image[int((box["y1"] + box["y2"]) / 2), int(box["x1"])]
+    return pixel
 
 
 # -- media types ----------------------------------------------------------------------------------
@@ -121,7 +136,7 @@ async def test_exif_rotated_input_comes_back_upright(client: httpx.AsyncClient) 
 
 async def test_boxes_are_drawn_where_the_json_puts_them(client: httpx.AsyncClient) -> None:
     data = png(320, 240, seed=3)
-    params = {"score_threshold": 0.5, "max_detections": 5}
+    params: dict[str, Any] = {"score_threshold": 0.5, "max_detections": 5}
     result = await detections(client, data, **params)
     assert result["detections"], "the confident tiny detector finds something"
     response = await post(client, RENDER, data, **params)
@@ -191,6 +206,151 @@ def test_labels_scale_with_the_image_and_stay_inside() -> None:
         assert rows.size and rows.min() == 0, "the label sits inside the image, at its top"
         assert rows.max() + 1 >= 0.8 * size, "the label box is as tall as the font"
         assert cols.min() < x1 - 2 * size, "the label was moved left, into the image"
+
+
+# -- labels on small images -----------------------------------------------------------------------
+#
+# "A label hides an object" is measured on the label rectangles that label_layout returns (the
+# ones draw_detections fills) and on the inside of each box (within its outline, where the object
+# shows): a label may lie on at most a tenth of any box's inside, its own or another's, so at
+# least 90% of every detected object stays in view. Labels also do not overlap each other, stay
+# inside the image, use a font of at least 8 px and say the class name (the score may go). The
+# drawn image's pixels are checked against the same promise: 90% of each object's pixels come
+# out unchanged, and each label is drawn where the layout puts it.
+
+SMALL = (92, 78)
+#: A 92x78 thumbnail with four detections, best first: a tall person and a wide bicycle reaching
+#: the top edge (no room for a label above them), a dog under the bicycle and a small cat at the
+#: right, whose labels above them would land on the bicycle.
+SCENE = (
+    DrawnBox((4.0, 2.0, 34.0, 60.0), 15, "person", 0.93),
+    DrawnBox((38.0, 6.0, 88.0, 40.0), 2, "bicycle", 0.81),
+    DrawnBox((40.0, 44.0, 70.0, 76.0), 12, "dog", 0.77),
+    DrawnBox((72.0, 48.0, 90.0, 72.0), 8, "cat", 0.55),
+)
+HIDDEN_AT_MOST = 0.1
+OBJECT = (200, 200, 60)  # the objects' colour: no class colour of the scene
+
+
+Rect = tuple[int, int, int, int]
+
+
+def box_pixels(box: DrawnBox) -> Rect:
+    """The pixels a box spans, (x1, y1, x2, y2) with x2 and y2 exclusive."""
+    x1, y1, x2, y2 = box.box
+    return math.floor(x1), math.floor(y1), math.ceil(x2), math.ceil(y2)
+
+
+def inside(box: DrawnBox, size: tuple[int, int]) -> Rect:
+    """The pixels of a box within its drawn outline (all of it when the outline fills it)."""
+    line = line_width(*size)
+    x1, y1, x2, y2 = box_pixels(box)
+    if x2 - x1 <= 2 * line or y2 - y1 <= 2 * line:
+        return x1, y1, x2, y2
+    return x1 + line, y1 + line, x2 - line, y2 - line
+
+
+def overlap(a: Rect, b: Rect) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def area(rect: Rect) -> int:
+    return (rect[2] - rect[0]) * (rect[3] - rect[1])
+
+
+def assert_readable_and_hiding_nothing(size: tuple[int, int], scene: Sequence[DrawnBox]) -> None:
+    width, height = size
+    placements = label_layout(size, scene)
+    assert len(placements) == len(scene)
+    insides = [inside(d, size) for d in scene]
+    for detection, label in zip(scene, placements, strict=True):
+        x1, y1, x2, y2 = label.rect
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, label
+        assert label.font_px >= 8 and label.text in (
+            f"{detection.label} {detection.score:.2f}",
+            detection.label,
+        )
+    for box, detection in zip(insides, scene, strict=True):  # labels do not overlap: their covers add up
+        covered = sum(overlap(label.rect, box) for label in placements) / area(box)
+        assert covered <= HIDDEN_AT_MOST, f"labels hide {covered:.0%} of the {detection.label}"
+    for first, second in itertools.combinations(placements, 2):
+        assert overlap(first.rect, second.rect) == 0, (first, second)
+
+
+def test_small_image_labels_never_hide_the_objects() -> None:
+    assert min(SMALL) < SMALL_IMAGE_PX
+    assert_readable_and_hiding_nothing(SMALL, SCENE)
+    # the scene needs the small-image layout: the usual label of the person, inside its top edge
+    # for lack of room above, would be as tall as the font over the person's full width
+    person = box_pixels(SCENE[0])
+    assert person[1] < font_size(*SMALL) and font_size(*SMALL) / (person[3] - person[1]) > HIDDEN_AT_MOST
+
+
+def test_small_image_pixels_keep_every_object_in_view() -> None:
+    width, height = SMALL
+    image = np.full((height, width, 3), 96, dtype=np.uint8)
+    objects = [inside(detection, SMALL) for detection in SCENE]  # each object fills its box
+    for x1, y1, x2, y2 in objects:
+        image[y1:y2, x1:x2] = OBJECT
+    drawn = np.asarray(draw_detections(Image.fromarray(image), list(SCENE)))
+    for detection, (x1, y1, x2, y2) in zip(SCENE, objects, strict=True):
+        seen = (drawn[y1:y2, x1:x2] == OBJECT).all(axis=-1).mean()
+        assert seen >= 1 - HIDDEN_AT_MOST, f"only {seen:.0%} of the {detection.label} is in view"
+    for detection, label in zip(SCENE, label_layout(SMALL, SCENE), strict=True):
+        x1, y1, x2, y2 = label.rect
+        patch = drawn[y1:y2, x1:x2]
+        on_fill = (patch == class_colour(detection.class_id)).all(axis=-1)
+        # filled with the class colour, with text on it (anti-aliased: any other colour is ink)
+        assert on_fill.mean() > 0.5 and (~on_fill).sum() >= 10, f"the {detection.label} label is drawn"
+
+
+def test_small_image_label_shrinks_on_a_box_as_large_as_the_image() -> None:
+    scene = [DrawnBox((0.0, 0.0, 92.0, 78.0), 15, "potted plant", 0.93)]
+    (label,) = label_layout(SMALL, scene)
+    # at the usual size the label, ~90 px wide, would cover about 16% of the box's inside
+    assert SMALL_MIN_FONT_PX <= label.font_px < font_size(*SMALL)
+    assert_readable_and_hiding_nothing(SMALL, scene)
+
+
+def test_small_image_name_wider_than_the_image_is_cut_short() -> None:
+    scene = [DrawnBox((61.0, 0.0, 64.0, 24.0), 7, "a-very-long-label-name", 0.9)]
+    (label,) = label_layout((64, 48), scene)
+    assert label.text.endswith("\N{HORIZONTAL ELLIPSIS}") and "a-very-long-label-name".startswith(
+        label.text[:-1]
+    )
+    assert len(label.text) > 4 and label.rect[2] <= 64
+    assert overlap(label.rect, box_pixels(scene[0])) == 0
+
+
+def test_small_image_with_hundreds_of_detections_labels_each_inside_it() -> None:
+    rng = np.random.default_rng(4)
+    corners = rng.uniform(0, 80, (600, 2))
+    scene = [
+        DrawnBox((x, y, x + w, y + h), int(c), "dog", 0.5)
+        for (x, y), (w, h), c in zip(
+            corners, rng.uniform(1, 20, (600, 2)), rng.integers(0, 91, 600), strict=True
+        )
+    ]
+    placements = label_layout(SMALL, scene)
+    assert len(placements) == 600
+    assert all(0 <= p.rect[0] < p.rect[2] <= 92 and 0 <= p.rect[1] < p.rect[3] <= 78 for p in placements)
+
+
+def test_large_image_labels_keep_their_usual_place() -> None:
+    size = (640, 480)
+    font = font_size(*size)
+    scene = [
+        DrawnBox((100.0, 200.0, 300.0, 400.0), 1, "roomy", 0.9),  # room above: the label sits on the box
+        DrawnBox((50.0, 3.0, 200.0, 150.0), 2, "at-the-top", 0.8),  # no room above: inside the top edge
+        DrawnBox((630.0, 300.0, 640.0, 360.0), 3, "at-the-right", 0.7),  # moved left into the image
+        DrawnBox((120.0, 180.0, 310.0, 420.0), 4, "under-the-first", 0.6),  # overlapping: not moved
+    ]
+    roomy, top, right, under = label_layout(size, scene)
+    assert all(p.font_px == font for p in (roomy, top, right, under))
+    assert roomy.text == "roomy 0.90" and (roomy.rect[0], roomy.rect[3]) == (100, 200)
+    assert (top.rect[0], top.rect[1]) == (50, 3)
+    assert right.rect[2] == 640 and right.rect[3] == 300
+    assert (under.rect[0], under.rect[3]) == (120, 180)
 
 
 # -- same inputs, limits and errors as /v1/detect -----------------------------------------------

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import io
+import pickle
+import random
 import re
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +21,10 @@ from torch import Tensor
 from models import CheckpointError, ModelConfigError, ModelSpec, load_model
 from models.checkpoints import (
     PROJECT_FORMAT,
+    KeyProblem,
     build_model,
     detect_layout,
+    fit_state_dict,
     read_checkpoint,
     read_state_dict,
     save_project_checkpoint,
@@ -32,10 +40,23 @@ from tests.models.ssd_reference import BOOK_SSD300_KEYS
 VGG_LABELS = ("ants", "bees")
 
 
-def _spec(path: Path, task: str = "detect", arch: str = "ssd300", fmt: str = "auto",
-          labels: tuple[str, ...] | None = None, **kw: Any) -> ModelSpec:
-    return ModelSpec(name="m", task=task, arch=arch, format=fmt, weights=path, labels=labels,  # type: ignore[arg-type]
-                     **kw)
+def _spec(
+    path: Path,
+    task: str = "detect",
+    arch: str = "ssd300",
+    fmt: str = "auto",
+    labels: tuple[str, ...] | None = None,
+    **kw: Any,
+) -> ModelSpec:
+    return ModelSpec(
+        name="m",
+        task=task,  # type: ignore[arg-type]  # a str: the tests give unknown tasks on purpose
+        arch=arch,
+        format=fmt,
+        weights=path,
+        labels=labels,
+        **kw,
+    )
 
 
 def _error(exc: type[Exception], spec: ModelSpec) -> str:
@@ -58,8 +79,9 @@ def test_factory_book_ssd300_matches_the_reference_key_table() -> None:
 
 def test_factory_torchvision_files_load_strictly_into_torchvision() -> None:
     with torch.device("meta"):
-        tv_ssd = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None,
-                                                           num_classes=91)
+        tv_ssd = torchvision.models.detection.ssd300_vgg16(
+            weights=None, weights_backbone=None, num_classes=91
+        )
         tv_vgg = torchvision.models.vgg16(weights=None)
         tv_vgg_bn = torchvision.models.vgg16_bn(weights=None)
     ssd_sd = cf.torchvision_ssd_state_dict(91, 1.0)
@@ -90,6 +112,7 @@ def test_factory_files_have_the_real_on_disk_layout(tiny: dict[str, Path]) -> No
 def test_gpu_saved_file_needs_map_location_and_loads_on_the_cpu(tiny: dict[str, Path]) -> None:
     path = tiny["book_vgg16"]
     seen: list[str] = []
+
     def record(storage: Any, location: str) -> Any:
         seen.append(location)
         return storage
@@ -136,8 +159,10 @@ def test_unwraps_training_script_dicts_and_strips_module_prefixes() -> None:
 
 
 def test_data_parallel_and_amdegroot_files_give_the_books_answers(tiny: dict[str, Path]) -> None:
-    specs = {name: _spec(tiny[name], fmt="ssd.pytorch", labels=VOC_CLASSES)
-             for name in ("book_ssd300", "dp_ssd300", "amdegroot_ssd300")}
+    specs = {
+        name: _spec(tiny[name], fmt="ssd.pytorch", labels=VOC_CLASSES)
+        for name in ("book_ssd300", "dp_ssd300", "amdegroot_ssd300")
+    }
     x = torch.rand(2, 3, 300, 300) * 255 - 120
     outs = {}
     for name, spec in specs.items():
@@ -151,11 +176,21 @@ def test_data_parallel_and_amdegroot_files_give_the_books_answers(tiny: dict[str
 # --------------------------------------------------------------------------- layouts and "auto"
 
 
-@pytest.mark.parametrize(("name", "layout"), [
-    ("tv_vgg16", "vgg"), ("tv_vgg16_bn", "vgg_bn"), ("book_vgg16", "vgg"), ("book_ssd300", "ssd.pytorch"),
-    ("dp_ssd300", "ssd.pytorch"), ("amdegroot_ssd300", "ssd.pytorch"), ("book_ssd512", "ssd.pytorch"),
-    ("tv_ssd300", "torchvision-ssd"), ("project_ssd300", "project"), ("project_vgg16", "project"),
-])
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("tv_vgg16", "vgg"),
+        ("tv_vgg16_bn", "vgg_bn"),
+        ("book_vgg16", "vgg"),
+        ("book_ssd300", "ssd.pytorch"),
+        ("dp_ssd300", "ssd.pytorch"),
+        ("amdegroot_ssd300", "ssd.pytorch"),
+        ("book_ssd512", "ssd.pytorch"),
+        ("tv_ssd300", "torchvision-ssd"),
+        ("project_ssd300", "project"),
+        ("project_vgg16", "project"),
+    ],
+)
 def test_detect_layout(tiny: dict[str, Path], name: str, layout: str) -> None:
     obj, _ = read_checkpoint(tiny[name])
     assert detect_layout(obj) == layout
@@ -168,18 +203,45 @@ def test_detect_layout_odd_inputs() -> None:
     assert detect_layout([torch.zeros(1)]) == "unknown"
 
 
-@pytest.mark.parametrize(("name", "task", "arch", "labels", "fmt", "size", "n_labels"), [
-    ("tv_vgg16", "classify", "vgg16", None, "torchvision", (224, 224), 1000),  # 1000 classes: ImageNet preset
-    ("tv_vgg16_bn", "classify", "vgg16_bn", None, "torchvision", (224, 224), 1000),
-    ("book_vgg16", "classify", "vgg16", VGG_LABELS, "state_dict", (224, 224), 2),  # other counts: the book
-    ("book_ssd300", "detect", "ssd300", VOC_CLASSES, "ssd.pytorch", (300, 300), 20),
-    ("book_ssd512", "detect", "ssd512", VOC_CLASSES, "ssd.pytorch", (512, 512), 20),
-    ("tv_ssd300", "detect", "ssd300", None, "torchvision", (300, 300), 91),
-    ("project_ssd300", "detect", "ssd300", None, "project", (300, 300), 20),
-    ("project_vgg16", "classify", "vgg16", None, "project", (224, 224), 3),
-])
-def test_auto_format(tiny: dict[str, Path], name: str, task: str, arch: str, labels: tuple[str, ...] | None,
-                     fmt: str, size: tuple[int, int], n_labels: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "task", "arch", "labels", "fmt", "size", "n_labels"),
+    [
+        (
+            "tv_vgg16",
+            "classify",
+            "vgg16",
+            None,
+            "torchvision",
+            (224, 224),
+            1000,
+        ),  # 1000 classes: ImageNet preset
+        ("tv_vgg16_bn", "classify", "vgg16_bn", None, "torchvision", (224, 224), 1000),
+        (
+            "book_vgg16",
+            "classify",
+            "vgg16",
+            VGG_LABELS,
+            "state_dict",
+            (224, 224),
+            2,
+        ),  # other counts: the book
+        ("book_ssd300", "detect", "ssd300", VOC_CLASSES, "ssd.pytorch", (300, 300), 20),
+        ("book_ssd512", "detect", "ssd512", VOC_CLASSES, "ssd.pytorch", (512, 512), 20),
+        ("tv_ssd300", "detect", "ssd300", None, "torchvision", (300, 300), 91),
+        ("project_ssd300", "detect", "ssd300", None, "project", (300, 300), 20),
+        ("project_vgg16", "classify", "vgg16", None, "project", (224, 224), 3),
+    ],
+)
+def test_auto_format(
+    tiny: dict[str, Path],
+    name: str,
+    task: str,
+    arch: str,
+    labels: tuple[str, ...] | None,
+    fmt: str,
+    size: tuple[int, int],
+    n_labels: int,
+) -> None:
     model = load_model(_spec(tiny[name], task, arch, "auto", labels))
     assert (model.info.format, model.info.input_size, model.info.num_classes) == (fmt, size, n_labels)
     assert model.info.sha256 == sha256_file(tiny[name])
@@ -192,8 +254,17 @@ def test_format_semantics(tiny: dict[str, Path]) -> None:
     book_vgg = build_model(_spec(tiny["book_vgg16"], "classify", "vgg16", "state_dict", VGG_LABELS))
     assert (book_vgg.transform.resize, book_vgg.transform.crop) == (224, 224)  # type: ignore[union-attr]
     # 1000 classes in the book's format: the book's preprocessing, but the caller's labels
-    overridden = build_model(_spec(tiny["tv_vgg16"], "classify", "vgg16", "state_dict",
-                                   tuple(f"c{i}" for i in range(1000)), resize=300, crop=256))
+    overridden = build_model(
+        _spec(
+            tiny["tv_vgg16"],
+            "classify",
+            "vgg16",
+            "state_dict",
+            tuple(f"c{i}" for i in range(1000)),
+            resize=300,
+            crop=256,
+        )
+    )
     assert (overridden.transform.resize, overridden.transform.crop) == (300, 256)  # type: ignore[union-attr]
 
     book = build_model(_spec(tiny["book_ssd300"], labels=VOC_CLASSES))
@@ -226,8 +297,9 @@ def test_sha256_mismatch_through_load_model(tiny: dict[str, Path]) -> None:
 def test_pickled_whole_model_is_refused(tiny: dict[str, Path]) -> None:
     message = _error(CheckpointError, _spec(tiny["pickled_model"], "classify", "vgg16"))
     assert str(tiny["pickled_model"]) in message
-    assert ("holds a pickled Python object (e.g. torch.save(model)), not a state_dict; "
-            "save model.state_dict()") in message
+    assert (
+        "holds a pickled Python object (e.g. torch.save(model)), not a state_dict; save model.state_dict()"
+    ) in message
     assert "torch.nn" in message  # names the class it refused
 
 
@@ -235,6 +307,121 @@ def test_pickled_whole_model_is_refused(tiny: dict[str, Path]) -> None:
 def test_truncated_file(tiny: dict[str, Path], name: str) -> None:
     message = _error(CheckpointError, _spec(tiny[name], labels=VOC_CLASSES))
     assert str(tiny[name]) in message and "truncated or corrupt" in message and "again" in message
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    path = tmp_path / "random.pth"
+    path.write_bytes(rng.randbytes(rng.randrange(1, 200_000)))
+    message = _error(CheckpointError, _spec(path, labels=VOC_CLASSES))
+    assert f"{path} is not a PyTorch checkpoint" in message and "neither" in message
+    assert "pickled" not in message and "state_dict" not in message  # not "a pickled object"
+
+
+def _plain_pickle(obj: Any, protocol: int) -> bytes:
+    return pickle.dumps(obj, protocol=protocol)
+
+
+def _torch_bytes(obj: Any, **kw: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer, **kw)
+    return buffer.getvalue()
+
+
+def _zip_of(names: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in names.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: b"", ["is empty (0 bytes), not a PyTorch checkpoint"]),
+        (
+            lambda: b"<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n",
+            ["is not a PyTorch checkpoint", "it starts with text: '<!DOCTYPE html> <html><body>404"],
+        ),
+        (
+            lambda: _zip_of({"weights/readme.txt": b"hello", "weights/w.npy": b"\x93NUMPY"}),
+            [
+                "is a zip archive but not a PyTorch checkpoint",
+                "weights/readme.txt, weights/w.npy",
+                "data.pkl",
+            ],
+        ),
+        (
+            lambda: _plain_pickle({"when": datetime.date(2024, 1, 1)}, 2),
+            [
+                "is a plain Python pickle (pickle.dump), not a file written by torch.save",
+                "refers to datetime.date, refused because unpickling objects can run code",
+            ],
+        ),
+        (
+            lambda: _plain_pickle({"w": torch.zeros(2)}, pickle.DEFAULT_PROTOCOL),
+            ["is a plain Python pickle (pickle.dump)", "torch.save(model.state_dict(), path)"],
+        ),
+        (
+            lambda: _torch_bytes(torch.nn.Linear(2, 2), _use_new_zipfile_serialization=False),
+            [
+                "holds a pickled Python object (e.g. torch.save(model))",
+                "refused: torch.nn.modules.linear.Linear",
+            ],
+        ),
+        (
+            lambda: _torch_bytes(
+                {"w": torch.zeros(2)}, _use_new_zipfile_serialization=False, pickle_protocol=4
+            ),
+            ["legacy-format torch.save file written with pickle protocol 4", "weights_only"],
+        ),
+    ],
+    ids=[
+        "empty",
+        "web-page",
+        "other-zip",
+        "pickle-with-object",
+        "pickle-of-tensors",
+        "legacy-whole-model",
+        "legacy-protocol-4",
+    ],
+)
+def test_each_kind_of_unreadable_file_is_told_apart(
+    tmp_path: Path, make: Callable[[], bytes], expected: list[str]
+) -> None:
+    path = tmp_path / "weights.pth"
+    path.write_bytes(make())
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    message = str(info.value)
+    assert str(path) in message
+    for words in expected:
+        assert words in message
+
+
+@pytest.mark.parametrize("name", ["book_ssd300", "tv_ssd300"])
+def test_damaged_files_give_a_checkpoint_error_or_load(
+    tiny: dict[str, Path], tmp_path: Path, name: str
+) -> None:
+    """Bytes overwritten or cut anywhere (headers, pickle, tensor data): never another exception."""
+    data = tiny[name].read_bytes()
+    rng = random.Random(name)
+    path = tmp_path / "damaged.pth"
+    outcomes = []
+    for offset in [*sorted(rng.sample(range(len(data)), 24)), 0, 1, 2, 3, 5, 11, 30]:
+        damaged = bytearray(data)
+        damaged[offset : offset + 4] = rng.randbytes(4)
+        for variant in (bytes(damaged), data[:offset]):
+            path.write_bytes(variant)
+            try:
+                read_checkpoint(path)
+                outcomes.append("loaded")
+            except CheckpointError as e:
+                outcomes.append("error")
+                assert str(path) in str(e)
+    assert "error" in outcomes
 
 
 @pytest.mark.parametrize("obj", [[torch.zeros(1)], torch.zeros(3), {"weights": [1, 2]}, {}])
@@ -257,7 +444,7 @@ def test_unknown_layout_and_ssd_training_base(tmp_path: Path) -> None:
     assert "VGG16 base an SSD starts training from" in message
 
 
-def _vgg_file(tmp_path: Path, edit: dict[str, Tensor | None]) -> Path:
+def _vgg_file(tmp_path: Path, edit: Mapping[str, Tensor | None]) -> Path:
     sd: dict[str, Tensor] = cf.vgg16_state_dict(2, TINY)
     for key, value in edit.items():
         if value is None:
@@ -269,36 +456,209 @@ def _vgg_file(tmp_path: Path, edit: dict[str, Tensor | None]) -> Path:
     return path
 
 
+def _named_keys(message: str) -> set[str]:
+    """Every parameter name (``a.b.weight``, ``L2Norm.weight``, ``x.running_mean`` ...) a message names."""
+    return set(
+        re.findall(r"[A-Za-z_][\w.]*\.(?:weight|bias|running_mean|running_var|scale_weight)\b", message)
+    )
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return str(list(shape))
+
+
 def test_missing_unexpected_and_misshaped_keys(tmp_path: Path) -> None:
-    spec = _spec(_vgg_file(tmp_path, {"classifier.3.weight": None, "classifier.3.bias": None}),
-                 "classify", "vgg16", "state_dict", VGG_LABELS)
+    spec = _spec(
+        _vgg_file(tmp_path, {"classifier.3.weight": None, "classifier.3.bias": None}),
+        "classify",
+        "vgg16",
+        "state_dict",
+        VGG_LABELS,
+    )
     message = _error(CheckpointError, spec)
     assert "does not fit a 2-class vgg16 of width 0.0625" in message
-    assert "2 missing: classifier.3.weight, classifier.3.bias" in message
+    assert (
+        "2 missing: classifier.3.weight (expected shape [256, 256]), classifier.3.bias (expected shape [256])"
+    ) in message
 
     extra = {f"features.{i}.weight": torch.zeros(1) for i in range(40, 46)}
-    message = _error(CheckpointError, _spec(_vgg_file(tmp_path, extra), "classify", "vgg16", "state_dict",
-                                            VGG_LABELS))
-    assert re.search(r"6 unexpected: features\.40\.weight, .* \(and 2 more\)", message)
+    message = _error(
+        CheckpointError, _spec(_vgg_file(tmp_path, extra), "classify", "vgg16", "state_dict", VGG_LABELS)
+    )
+    assert re.search(r"6 unexpected: features\.40\.weight \(shape \[1\]\), .* \(and 2 more\)", message)
 
     shaped = {"features.2.weight": torch.zeros(5, 4, 3, 3)}
-    message = _error(CheckpointError, _spec(_vgg_file(tmp_path, shaped), "classify", "vgg16", "state_dict",
-                                            VGG_LABELS))
-    assert "1 with the wrong shape: features.2.weight [5, 4, 3, 3] (expected [4, 4, 3, 3])" in message
+    message = _error(
+        CheckpointError, _spec(_vgg_file(tmp_path, shaped), "classify", "vgg16", "state_dict", VGG_LABELS)
+    )
+    assert (
+        "1 with the wrong shape: features.2.weight has shape [5, 4, 3, 3], expected [4, 4, 3, 3]" in message
+    )
 
 
-def test_ssd_keys_that_do_not_fit(tmp_path: Path) -> None:
+def _book_ssd_file(tmp_path: Path, edit: Mapping[str, Tensor | None], size: int = 300) -> Path:
+    sd = cf.book_ssd_state_dict(21, TINY, size)
+    for key, value in edit.items():
+        if value is None:
+            del sd[key]
+        else:
+            sd[key] = value
+    path = tmp_path / "edited_ssd.pth"
+    torch.save(sd, path)
+    return path
+
+
+# The first tensors (vgg.0.weight, conf.0.weight, features.0.weight, classifier.6.*) are the ones a
+# reader is tempted to take the width and class count from: breaking them must not make the
+# other, intact tensors look wrong. Each message names only the broken key, with its shapes.
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "conf.0.weight",
+        "conf.3.bias",
+        "loc.5.weight",
+        "loc.0.bias",
+        "L2Norm.weight",
+        "vgg.0.weight",
+        "extras.7.weight",
+    ],
+)
+def test_book_ssd_missing_tensor_is_named_with_its_shape(tmp_path: Path, key: str) -> None:
+    expected = cf.book_ssd_state_dict(21, TINY)[key].shape
+    message = _error(CheckpointError, _spec(_book_ssd_file(tmp_path, {key: None}), labels=VOC_CLASSES))
+    assert "does not fit a 21-class SSD300 of width 0.0625 (ssd.pytorch layout)" in message
+    assert f"1 missing: {key} (expected shape {_shape(expected)})" in message
+    assert _named_keys(message) == {key}, message
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("vgg.0.weight", (5, 3, 3, 3)),  # width would read 5/64 from it
+        ("vgg.0.weight", (4, 1, 3, 3)),  # a greyscale first conv
+        ("conf.0.weight", (85, 32, 3, 3)),  # 85 rows: not 4 boxes x a class count
+        ("conf.0.weight", (4 * 3, 32, 3, 3)),  # reads as 3 classes
+        ("L2Norm.weight", (64,)),
+    ],
+)
+def test_book_ssd_misshaped_tensor_is_named_with_both_shapes(
+    tmp_path: Path, key: str, shape: tuple[int, ...]
+) -> None:
+    expected = cf.book_ssd_state_dict(21, TINY)[key].shape
+    message = _error(
+        CheckpointError, _spec(_book_ssd_file(tmp_path, {key: torch.zeros(shape)}), labels=VOC_CLASSES)
+    )
+    assert "does not fit a 21-class SSD300 of width 0.0625" in message
+    assert f"1 with the wrong shape: {key} has shape {_shape(shape)}, expected {_shape(expected)}" in message
+    assert _named_keys(message) == {key}, message
+
+
+def test_ssd512_with_two_broken_tensors_names_both(tmp_path: Path) -> None:
+    path = _book_ssd_file(tmp_path, {"loc.6.weight": None, "extras.3.weight": torch.zeros(3, 3, 3, 3)}, 512)
+    message = _error(CheckpointError, _spec(path, arch="ssd512", labels=VOC_CLASSES))
+    assert "a 21-class SSD512 of width 0.0625" in message and "77 of its 78 tensors" in message
+    assert "extras.3.weight has shape [3, 3, 3, 3], expected [16, 8, 3, 3]" in message
+    assert "loc.6.weight (expected shape [16, 16, 3, 3])" in message
+    assert _named_keys(message) == {"loc.6.weight", "extras.3.weight"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "head.classification_head.module_list.0.weight",
+        "head.regression_head.module_list.5.bias",
+        "backbone.features.0.weight",
+        "backbone.scale_weight",
+    ],
+)
+def test_torchvision_ssd_missing_tensor_is_named_as_the_file_names_it(tmp_path: Path, key: str) -> None:
+    sd = cf.torchvision_ssd_state_dict(91, TINY)
+    expected = sd.pop(key).shape
+    torch.save(sd, tmp_path / "tv.pth")
+    message = _error(CheckpointError, _spec(tmp_path / "tv.pth"))
+    assert "does not fit a 91-class SSD300 of width 0.0625 (torchvision's layout)" in message
+    assert f"1 missing: {key} (expected shape {_shape(expected)})" in message
+    assert _named_keys(message) == {key}, message  # torchvision's names, not the book's
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("classifier.0.weight", (256, 999)),  # fc6 of a network with another input size
+        ("classifier.3.weight", (100, 256)),
+        ("classifier.3.bias", (100,)),
+        ("features.0.weight", (5, 3, 3, 3)),  # the one the width is read from
+    ],
+)
+def test_vgg_misshaped_layer_is_named_with_both_shapes(
+    tmp_path: Path, key: str, shape: tuple[int, ...]
+) -> None:
+    expected = cf.vgg16_state_dict(2, TINY)[key].shape
+    spec = _spec(
+        _vgg_file(tmp_path, {key: torch.zeros(shape)}), "classify", "vgg16", "state_dict", VGG_LABELS
+    )
+    message = _error(CheckpointError, spec)
+    assert (
+        "does not fit a 2-class vgg16 of width 0.0625, the network 31 of its 32 tensors describe" in message
+    )
+    assert f"1 with the wrong shape: {key} has shape {_shape(shape)}, expected {_shape(expected)}" in message
+    assert _named_keys(message) == {key}, message
+
+
+def test_vgg_whose_last_layer_disagrees_with_itself_gives_both_readings(tmp_path: Path) -> None:
+    """classifier.6.weight says 3 classes, classifier.6.bias 2: nothing in the file tells which is
+    broken, so the message gives both readings instead of blaming one at random."""
+    spec = _spec(
+        _vgg_file(tmp_path, {"classifier.6.weight": torch.zeros(3, 256)}),
+        "classify",
+        "vgg16",
+        "state_dict",
+        VGG_LABELS,
+    )
+    message = _error(CheckpointError, spec)
+    assert "3-class vgg16" in message and "2-class vgg16" in message
+    assert "classifier.6.bias has shape [2], expected [3]" in message
+    assert "classifier.6.weight has shape [3, 256], expected [2, 256]" in message
+
+
+def test_inference_reads_the_majority_of_tensors() -> None:
     sd = cf.book_ssd_state_dict(21, TINY)
-    del sd["conf.3.bias"]
-    torch.save(sd, tmp_path / "ssd.pth")
-    message = _error(CheckpointError, _spec(tmp_path / "ssd.pth", fmt="ssd.pytorch", labels=VOC_CLASSES))
-    assert "does not fit an SSD" in message and "conf.3.bias is missing" in message
+    sd["vgg.0.weight"], sd["conf.0.weight"] = torch.zeros(5, 3, 3, 3), torch.zeros(12, 32, 3, 3)
+    fit = fit_state_dict(sd, "ssd")
+    assert (fit.arch, fit.num_classes, fit.width, fit.matched) == ("ssd300", 21, TINY, 69)
+    assert fit.problems == (
+        KeyProblem("vgg.0.weight", (5, 3, 3, 3), (4, 3, 3, 3)),
+        KeyProblem("conf.0.weight", (12, 32, 3, 3), (84, 32, 3, 3)),
+    )
+    good = fit_state_dict(cf.book_ssd_state_dict(7, 1 / 8, 512), "ssd")
+    assert (good.arch, good.num_classes, good.width, good.problems) == ("ssd512", 7, 1 / 8, ())
+    vgg = fit_state_dict(cf.vgg16_state_dict(5, 1 / 8, bn=True, num_batches_tracked=False), "vgg")
+    assert (vgg.arch, vgg.num_classes, vgg.width, vgg.problems) == ("vgg16_bn", 5, 1 / 8, ())
+
+
+def test_nothing_to_read_the_class_count_from(tmp_path: Path) -> None:
+    sd = {k: v for k, v in cf.book_ssd_state_dict(21, TINY).items() if not k.startswith("conf.")}
+    torch.save(sd, tmp_path / "headless.pth")
+    message = _error(CheckpointError, _spec(tmp_path / "headless.pth", labels=VOC_CLASSES))
+    assert "no class head tensor (conf.N.weight / conf.N.bias)" in message
+    spec = _spec(
+        _vgg_file(tmp_path, {"classifier.6.weight": None, "classifier.6.bias": None}),
+        "classify",
+        "vgg16",
+        "state_dict",
+        VGG_LABELS,
+    )
+    assert "classifier.6.weight and classifier.6.bias" in _error(CheckpointError, spec)
 
 
 def test_labels_count_is_explained(tiny: dict[str, Path]) -> None:
     message = _error(ModelConfigError, _spec(tiny["book_ssd300"], fmt="ssd.pytorch", labels=("cat", "dog")))
-    assert (f"{tiny['book_ssd300']} is a 21-class SSD300 in ssd.pytorch layout (20 labels + background), "
-            "but the models file gives 2 labels; give 20 (background excluded") in message
+    assert (
+        f"{tiny['book_ssd300']} is a 21-class SSD300 in ssd.pytorch layout (20 labels + background), "
+        "but the models file gives 2 labels; give 20 (background excluded"
+    ) in message
     message = _error(ModelConfigError, _spec(tiny["book_ssd300"], fmt="ssd.pytorch"))
     assert "must give its 20 labels" in message
     message = _error(ModelConfigError, _spec(tiny["book_vgg16"], "classify", "vgg16", "state_dict"))
@@ -311,8 +671,10 @@ def test_labels_count_is_explained(tiny: dict[str, Path]) -> None:
 
 def test_format_that_disagrees_with_the_keys(tiny: dict[str, Path]) -> None:
     message = _error(CheckpointError, _spec(tiny["tv_ssd300"], fmt="ssd.pytorch", labels=VOC_CLASSES))
-    assert ("is in torchvision's SSD layout (backbone.*, head.*), but the models file says "
-            "format = 'ssd.pytorch'; use format = 'torchvision'") in message
+    assert (
+        "is in torchvision's SSD layout (backbone.*, head.*), but the models file says "
+        "format = 'ssd.pytorch'; use format = 'torchvision'"
+    ) in message
     message = _error(CheckpointError, _spec(tiny["book_ssd300"], fmt="torchvision"))
     assert "the book's / ssd.pytorch SSD layout" in message and "use format = 'ssd.pytorch'" in message
     message = _error(CheckpointError, _spec(tiny["book_vgg16"], "classify", "vgg16", "project", VGG_LABELS))
@@ -370,9 +732,16 @@ def _assert_plain(obj: Any, where: str = "") -> None:
 
 def test_project_file_is_plain_data_and_describes_itself(tiny: dict[str, Path], tmp_path: Path) -> None:
     built = build_model(_spec(tiny["tv_ssd300"]))
-    path = save_project_checkpoint(tmp_path / "tv.pth", built.model, task="detect", arch="ssd300",
-                                   labels=built.labels, preprocess={"kind": "ssd", "size": 300},
-                                   postprocess={"semantics": "torchvision"}, metadata={"dataset": "coco"})
+    path = save_project_checkpoint(
+        tmp_path / "tv.pth",
+        built.model,
+        task="detect",
+        arch="ssd300",
+        labels=built.labels,
+        preprocess={"kind": "ssd", "size": 300},
+        postprocess={"semantics": "torchvision"},
+        metadata={"dataset": "coco"},
+    )
     raw = torch.load(path, map_location="cpu", weights_only=True)
     _assert_plain(raw)
     assert raw["format"] == PROJECT_FORMAT and raw["version"] == 1 and raw["task"] == "detect"
@@ -426,7 +795,13 @@ def test_project_writer_refuses_what_weights_only_cannot_read(tmp_path: Path) ->
     with pytest.raises(ModelConfigError, match=r"metadata\.when is a datetime"):
         import datetime
 
-        save_project_checkpoint(tmp_path / "x.pth", ssd300(21, width=TINY), task="detect", arch="ssd300",
-                                labels=VOC_CLASSES, preprocess={"kind": "ssd", "size": 300},
-                                metadata={"when": datetime.datetime.now()})
+        save_project_checkpoint(
+            tmp_path / "x.pth",
+            ssd300(21, width=TINY),
+            task="detect",
+            arch="ssd300",
+            labels=VOC_CLASSES,
+            preprocess={"kind": "ssd", "size": 300},
+            metadata={"when": datetime.datetime.now()},
+        )
     assert not (tmp_path / "x.pth").exists()
