@@ -11,11 +11,11 @@ Callers use the names exported here:
                    [DetectParams(score_threshold=0.5)] * len(rgb_pil_images))
 """
 
+from models.agreement import agreement_report, reference_outputs
 from models.errors import CheckpointError, ModelConfigError
 from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
 from models.predictors import Classifier, Detector, Predictor, check_device_name, load_model, resolve_device
 from models.quantize import (
-    agreement_report,
     load_calibration_images,
     quantize_int8,
     quantize_predictor,
@@ -66,5 +66,6 @@ __all__ = [
     "quantize_int8",
     "quantize_predictor",
     "quantize_predictor_with_report",
+    "reference_outputs",
     "resolve_device",
 ]

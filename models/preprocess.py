@@ -21,7 +21,7 @@ grey level or two.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -227,3 +227,18 @@ def decode_jpegs(encoded: Sequence[bytes], device: torch.device | str) -> list[T
         torch.cuda.current_stream(target).synchronize()
     decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=target)
     return list(decoded)
+
+
+def calibration_batches(images: Sequence[Image.Image], preprocess: Callable[[Image.Image], Tensor],
+                        batch_size: int = 8) -> list[Tensor]:
+    """Preprocess ``images`` (converted to RGB first) and stack them into batches of ``batch_size``
+    (the last one may be smaller): -> list of FloatTensor[b, 3, H, W], in the images' order.
+
+    Raises ValueError when there are no images or ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if len(images) == 0:
+        raise ValueError("no calibration images: int8 needs images of the model's own kind to calibrate on")
+    tensors = [preprocess(im if im.mode == "RGB" else im.convert("RGB")) for im in images]
+    return [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]

@@ -37,23 +37,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-from torchvision.ops import box_iou
 
+from models.agreement import MATCH_IOU, agreement_report, reference_outputs
 from models.errors import ModelConfigError
+from models.preprocess import calibration_batches
 from models.ssd import SSD, L2Norm, SSDConfig, feature_sources
-from models.types import DetectOutput, DetectParams
 
 if TYPE_CHECKING:
     from models.predictors import Predictor
@@ -63,12 +62,14 @@ P = TypeVar("P", bound="Predictor[Any, Any]")
 
 __all__ = [
     "BACKEND",
+    "MATCH_IOU",
     "QuantizedSSD",
     "agreement_report",
     "calibration_batches",
     "load_calibration_images",
     "quantize_int8",
     "quantize_predictor",
+    "reference_outputs",
 ]
 
 #: PyTorch's quantized engine for x86 CPUs: it picks fbgemm or oneDNN kernels per op
@@ -76,8 +77,6 @@ __all__ = [
 BACKEND = "x86"
 #: File suffixes :func:`load_calibration_images` reads.
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-#: The usual PASCAL VOC / COCO match criterion: same class and IoU >= 0.5.
-MATCH_IOU = 0.5
 
 # torch's quantization API warns on every prepare/convert that it is deprecated (torch.ao.quantization
 # is still shipped and working in 2.14) and that ``reduce_range`` should become quant_min/quant_max;
@@ -236,21 +235,6 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], *, example: T
     return converted.eval()
 
 
-def calibration_batches(images: Sequence[Image.Image], preprocess: Callable[[Image.Image], Tensor],
-                        batch_size: int = 8) -> list[Tensor]:
-    """Preprocess ``images`` (converted to RGB first) and stack them into batches of ``batch_size``
-    (the last one may be smaller): -> list of FloatTensor[b, 3, H, W], in the images' order.
-
-    Raises ValueError when there are no images or ``batch_size`` < 1.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if len(images) == 0:
-        raise ValueError("no calibration images: int8 needs images of the model's own kind to calibrate on")
-    tensors = [preprocess(im if im.mode == "RGB" else im.convert("RGB")) for im in images]
-    return [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
-
-
 def load_calibration_images(directory: str | Path, max_images: int = 64) -> list[Image.Image]:
     """Up to ``max_images`` images from ``directory`` (files ending in ``IMAGE_SUFFIXES``, sorted by name,
     not recursive), decoded and converted to RGB.
@@ -316,132 +300,7 @@ def quantize_predictor_with_report(predictor: P, images: Sequence[Image.Image], 
     images is the real measure.
     """
     sample = list(images[:report_images])
-    reference = _reference_outputs(predictor, sample, batch_size)
+    reference = reference_outputs(predictor, sample, batch_size)
     quantize_predictor(predictor, images, batch_size)
-    candidate = _reference_outputs(predictor, sample, batch_size)
+    candidate = reference_outputs(predictor, sample, batch_size)
     return predictor, agreement_report(reference, candidate)
-
-
-def _reference_outputs(predictor: Predictor[Any, Any], images: Sequence[Image.Image],
-                       batch_size: int) -> Tensor | list[DetectOutput]:
-    """Logits (classifier) or every detection above 0.01 (detector) of ``predictor`` on ``images``."""
-    from models.predictors import Detector  # the predictors module imports nothing from here
-
-    rgb = [image.convert("RGB") for image in images]
-    batches = calibration_batches(rgb, predictor.preprocess, batch_size)
-    if isinstance(predictor, Detector):
-        outputs: list[DetectOutput] = []
-        params = DetectParams(score_threshold=0.0, max_detections=None)
-        for start, batch in zip(range(0, len(rgb), batch_size), batches, strict=True):
-            sizes = [image.size for image in rgb[start:start + batch_size]]
-            outputs.extend(predictor.predict(batch, sizes, [params] * len(sizes)))
-        return outputs
-    with torch.inference_mode():
-        logits = [predictor.model(b.to(predictor.device, predictor.dtype, memory_format=torch.channels_last))
-                  for b in batches]
-    return torch.cat(logits).float().cpu()
-
-
-# --- accuracy cost -----------------------------------------------------------------------------------------
-
-
-def agreement_report(reference: Tensor | Sequence[DetectOutput], candidate: Tensor | Sequence[DetectOutput],
-                     *, score_threshold: float = 0.5) -> dict[str, Any]:
-    """How closely ``candidate`` (e.g. int8) reproduces ``reference`` (fp32) on the same images.
-
-    Classifiers: ``reference`` and ``candidate`` are logits (FloatTensor[N, C]); scores are their softmax.
-    Returns ``images``; ``top1_agreement`` (fraction of images with the same arg-max); ``score_diff_max``
-    (largest |p_ref - p_cand| over all images and classes); ``top1_score_diff_max`` and
-    ``top1_score_diff_mean`` (|p_ref - p_cand| at the reference's top-1 class, over images).
-
-    Detectors: one :class:`~models.types.DetectOutput` per image each, in the same pixel frame. Reference
-    detections with score >= ``score_threshold`` are matched greedily, highest score first, to the unused
-    candidate detection (any score) of the same class with the highest IoU, if that IoU >= 0.5. Returns
-    ``images``; ``reference_detections`` (those above the threshold); ``matched``; ``recall`` (matched /
-    reference, None without reference detections); ``score_diff_max`` / ``score_diff_mean`` (|score
-    difference| over matched pairs) and ``box_diff_max_px`` / ``box_diff_mean_px`` (per pair the largest
-    |coordinate difference| in pixels, then its max / mean over pairs), None without matches;
-    ``extra_detections`` (candidate detections >= ``score_threshold`` left unmatched).
-
-    NMS makes the matching approximate: where the reference keeps one of several near-equal boxes, the
-    candidate may keep a neighbour, which then matches with a larger box difference (IoU >= 0.5 still).
-    """
-    if isinstance(reference, Tensor) and isinstance(candidate, Tensor):
-        return _classifier_agreement(reference, candidate)
-    if isinstance(reference, Tensor) or isinstance(candidate, Tensor):
-        raise TypeError(
-            "compare logits with logits (Tensor[N, C]) or detections with detections (DetectOutput lists)"
-        )
-    return _detector_agreement(reference, candidate, score_threshold)
-
-
-def _classifier_agreement(reference: Tensor, candidate: Tensor) -> dict[str, Any]:
-    if reference.dim() != 2 or reference.shape != candidate.shape or reference.shape[0] == 0:
-        raise ValueError(
-            f"expected two logit tensors [N, C] of one shape with N >= 1, got {list(reference.shape)} "
-            f"and {list(candidate.shape)}"
-        )
-    p_ref = F.softmax(reference.detach().float().cpu(), dim=1)  # (N, C)
-    p_cand = F.softmax(candidate.detach().float().cpu(), dim=1)
-    top1 = p_ref.argmax(dim=1)  # (N,)
-    diff = (p_ref - p_cand).abs()  # (N, C)
-    top1_diff = diff.gather(1, top1[:, None]).squeeze(1)  # (N,)
-    return {
-        "images": reference.shape[0],
-        "top1_agreement": float((top1 == p_cand.argmax(dim=1)).float().mean()),
-        "score_diff_max": float(diff.max()),
-        "top1_score_diff_max": float(top1_diff.max()),
-        "top1_score_diff_mean": float(top1_diff.mean()),
-    }
-
-
-def _match(ref: DetectOutput, cand: DetectOutput, score_threshold: float) -> list[tuple[int, int]]:
-    """Greedy matching: (reference index, candidate index) pairs, see :func:`agreement_report`."""
-    keep = (ref.scores >= score_threshold).nonzero().squeeze(1)
-    order = keep[ref.scores[keep].argsort(descending=True, stable=True)]
-    if order.numel() == 0 or cand.boxes.shape[0] == 0:
-        return []
-    iou = box_iou(ref.boxes[order].float(), cand.boxes.float())  # (R, M)
-    same_class = ref.class_ids[order][:, None] == cand.class_ids[None, :]  # (R, M)
-    iou = torch.where(same_class, iou, torch.full_like(iou, -1.0))
-    used = torch.zeros(cand.boxes.shape[0], dtype=torch.bool)
-    pairs: list[tuple[int, int]] = []
-    for row, r in enumerate(order.tolist()):
-        best = iou[row].masked_fill(used, -1.0).max(dim=0)
-        if float(best.values) >= MATCH_IOU:
-            used[best.indices] = True
-            pairs.append((r, int(best.indices)))
-    return pairs
-
-
-def _detector_agreement(reference: Sequence[DetectOutput], candidate: Sequence[DetectOutput],
-                        score_threshold: float) -> dict[str, Any]:
-    if len(reference) != len(candidate) or len(reference) == 0:
-        raise ValueError(
-            f"expected one DetectOutput per image on each side, got {len(reference)} and {len(candidate)}"
-        )
-    n_ref = n_extra = 0
-    score_diffs: list[float] = []
-    box_diffs: list[float] = []
-    for ref, cand in zip(reference, candidate, strict=True):
-        pairs = _match(ref, cand, score_threshold)
-        n_ref += int((ref.scores >= score_threshold).sum())
-        matched_cand = {c for _, c in pairs}
-        n_extra += sum(
-            1 for j, s in enumerate(cand.scores.tolist()) if s >= score_threshold and j not in matched_cand
-        )
-        for r, c in pairs:
-            score_diffs.append(abs(float(ref.scores[r]) - float(cand.scores[c])))
-            box_diffs.append(float((ref.boxes[r].float() - cand.boxes[c].float()).abs().max()))
-    matched = len(score_diffs)
-    return {
-        "images": len(reference),
-        "reference_detections": n_ref,
-        "matched": matched,
-        "recall": matched / n_ref if n_ref else None,
-        "score_diff_max": max(score_diffs) if matched else None,
-        "score_diff_mean": sum(score_diffs) / matched if matched else None,
-        "box_diff_max_px": max(box_diffs) if matched else None,
-        "box_diff_mean_px": sum(box_diffs) / matched if matched else None,
-        "extra_detections": n_extra,
-    }
