@@ -32,7 +32,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import error_body, unauthorized
+from app.errors import ApiError, error_body, unauthorized
 from app.routers.ui import STATIC_DIR, UI_PREFIX
 from app.settings import Settings
 
@@ -40,6 +40,8 @@ from app.settings import Settings
 HEALTH_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 METRICS_PATH = "/metrics"
+#: Paths that take only an admin key (VISION_ADMIN_API_KEYS).
+ADMIN_PREFIX = "/admin/"
 
 #: Request headers a browser may send cross-origin, and response headers it may read.
 CORS_REQUEST_HEADERS = (
@@ -57,6 +59,7 @@ CORS_RESPONSE_HEADERS = (
     "Inference-Header-Content-Length",
     "Server-Timing",
     "X-Model",
+    "X-Model-Version",
     "X-Detections",
     "X-Predictions",
 )
@@ -114,11 +117,15 @@ def presented_key(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
 
 
 class ApiKeyMiddleware:
-    """Pure ASGI: refuses HTTP requests without a valid key (outside ``open_paths``) with 401."""
+    """Pure ASGI: refuses HTTP requests without a valid key (outside ``open_paths``) with 401; under
+    :data:`ADMIN_PREFIX` only an admin key will do (403 for an ordinary one)."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str], open_paths: Collection[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: Sequence[str], open_paths: Collection[str], admin_keys: Sequence[str] = ()
+    ) -> None:
         self.app = app
         self.ring = KeyRing(keys)
+        self.admin_ring = KeyRing(admin_keys) if admin_keys else None
         self.open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,14 +133,17 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         key = presented_key(scope["headers"])
-        if key is not None and self.ring.accepts(key):
+        admin = self.admin_ring is not None and scope["path"].startswith(ADMIN_PREFIX)
+        ring = self.admin_ring if admin else self.ring
+        if key is not None and ring is not None and ring.accepts(key):
             await self.app(scope, receive, send)
             return
-        error = unauthorized(
-            "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-            if key is None
-            else "invalid API key"
-        )
+        if key is None:
+            error = unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+        elif admin and self.ring.accepts(key):
+            error = ApiError(403, "FORBIDDEN", f"{ADMIN_PREFIX} needs a key of VISION_ADMIN_API_KEYS")
+        else:
+            error = unauthorized("invalid API key")
         state = scope.setdefault("state", {})
         state["error_code"] = error.code
         request_id = str(state.get("request_id") or "-")
@@ -150,7 +160,12 @@ def add_api_key_auth(app: FastAPI, settings: Settings) -> None:
     middleware is added, so that it runs inside it)."""
     keys = settings.api_key_list
     if keys:
-        app.add_middleware(ApiKeyMiddleware, keys=keys, open_paths=public_paths(settings))
+        app.add_middleware(
+            ApiKeyMiddleware,
+            keys=keys,
+            open_paths=public_paths(settings),
+            admin_keys=settings.admin_key_list,
+        )
 
 
 def add_cors(app: FastAPI, settings: Settings) -> None:

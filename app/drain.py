@@ -23,6 +23,7 @@ The server also stops when the service's start failed (``InferenceService.failur
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -34,6 +35,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.inference import InferenceService
+from app.reload import on_hangup
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,16 @@ class DrainingServer(uvicorn.Server):
         # be the default action (death by SIGTERM), not exit_on_sigterm_until_serving's SystemExit
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.on_hangup)
         await super().serve(sockets)
+
+    def on_hangup(self) -> None:
+        """SIGHUP: reload the models file (``app.reload``) while serving."""
+        service = self.service
+        if service is None:
+            log.warning("SIGHUP before the service started: nothing to reload")
+            return
+        service.in_background(on_hangup(service))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if (
@@ -122,7 +133,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def exit_on_sigterm_until_serving() -> None:
-    """Make SIGTERM end the process while the models load, before uvicorn handles it.
+    """Make SIGTERM end the process before uvicorn handles it, and SIGHUP (a reload) do nothing yet.
 
     Python leaves SIGTERM at its default, which a process running as PID 1 (a container's entry
     point) does not get: ``docker stop`` would wait its whole grace period and then SIGKILL. Raising
@@ -133,3 +144,4 @@ def exit_on_sigterm_until_serving() -> None:
         raise SystemExit(128 + sig)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # its default would end the process

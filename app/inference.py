@@ -15,12 +15,14 @@ once when it is served; everything after that is typed by its options and output
 from __future__ import annotations
 
 import asyncio
-import functools
+import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -31,7 +33,7 @@ from app.batching import ItemFailure, MicroBatcher
 from app.errors import deadline_exceeded, draining, model_not_found, not_ready, wrong_task
 from app.images import ImageDecoder, PreparedImage, make_decoder
 from app.metrics import Metrics
-from app.models_file import ModelsFileError, check_weights_exist, read_models_file
+from app.models_file import ModelsFile, ModelsFileError, check_weights_exist, read_models_file
 from app.schemas import ClassifyParameters, DetectParameters
 from app.settings import Settings
 from models import (
@@ -60,6 +62,26 @@ R = TypeVar("R")
 
 
 @dataclass(frozen=True)
+class ModelVersion:
+    """Which version of a model answers. ``id`` changes with anything that changes its answers:
+    the checkpoint's bytes, its models-file entry, the precision (and the int8 calibration)."""
+
+    id: str
+    sha256: str | None  # of the checkpoint file
+    source: str  # the checkpoint file
+    loaded_at: float  # Unix time
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded for serving: its predictor, version, and whether it is its task's default."""
+
+    predictor: Classifier | Detector
+    version: ModelVersion
+    default: bool
+
+
+@dataclass(frozen=True)
 class ImageItem(Generic[OptT]):
     """One image in a model's queue: its prepared input and its request's options."""
 
@@ -85,12 +107,21 @@ class ServedModel(Generic[OptT, OutT]):
     parameters: ClassVar[type[BaseModel]]
 
     def __init__(
-        self, predictor: Predictor[OptT, OutT], batcher: MicroBatcher[ImageItem[OptT], OutT], *, default: bool
+        self,
+        predictor: Predictor[OptT, OutT],
+        batcher: MicroBatcher[ImageItem[OptT], OutT],
+        *,
+        default: bool,
+        version: ModelVersion,
     ) -> None:
         self.predictor: Predictor[OptT, OutT] = predictor
         self.batcher: MicroBatcher[ImageItem[OptT], OutT] = batcher
         self.default = default
+        self.version = version
         self.ready = False  # its warm-up forwards ran
+        self.in_flight = 0  # requests that hold this model (see lease)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def name(self) -> str:
@@ -104,6 +135,23 @@ class ServedModel(Generic[OptT, OutT]):
         """The options of one request: the parameters it sent, else the model's defaults."""
         sent = parameters.model_dump(include=set(TASK_OPTIONS[self.task]), exclude_none=True)
         return replace(self.predictor.default_options, **sent)
+
+    @contextmanager
+    def lease(self) -> Iterator[None]:
+        """Count a request that holds this model, from when it picked it until its answer is
+        computed: a reload retires a replaced model only once none does (:meth:`until_idle`)."""
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def until_idle(self) -> None:
+        """Wait until no request holds this model."""
+        await self._idle.wait()
 
 
 class ServedClassifier(ServedModel[ClassifyOptions, ClassifyOutput]):
@@ -174,6 +222,11 @@ class InferenceService:
         #: why the start failed (``python -m app`` stops with this message), or None
         self.failure: str | None = None
         self._start_task: asyncio.Task[None] | None = None
+        #: reloads (``app.reload``): one at a time; the last one's report; models being retired
+        self.reload_lock = asyncio.Lock()
+        self.last_reload: dict[str, Any] | None = None
+        self.retiring: set[AnyModel] = set()
+        self.background: set[asyncio.Task[None]] = set()
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -195,6 +248,12 @@ class InferenceService:
             raise draining()
         if not model.ready:
             raise not_ready(f"model {model.name!r} is still warming up")
+
+    def admit(self, model: ServedModel[Any, Any]) -> AbstractContextManager[None]:
+        """503 unless ``model`` serves; else its lease (:meth:`ServedModel.lease`) for the request.
+        Call it in the same step (no ``await`` between) as the registry lookup that gave ``model``."""
+        self.check_serving(model)
+        return model.lease()
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -237,14 +296,10 @@ class InferenceService:
         :attr:`failure` and in readiness, never raised."""
         try:
             self.not_ready_reason = f"loading the models in {self.settings.models_file}"
-            loaded, defaults = await asyncio.to_thread(load_models, self.settings, self.metrics)
-            registry = ModelRegistry(
-                [
-                    self.serve(predictor, default=defaults.get(predictor.task) == predictor.info.name)
-                    for predictor in loaded
-                ]
-            )
+            loaded = await asyncio.to_thread(load_models, self.settings, self.metrics)
+            registry = ModelRegistry([self.serve(model) for model in loaded])
             for model in registry.models.values():
+                self.metrics.model_ready.labels(model.name).set(0)
                 model.batcher.start()
             self.registry = registry
             await self.warm_up(registry)
@@ -261,12 +316,12 @@ class InferenceService:
         self.not_ready_reason = f"startup failed: {message}"
         log.error("startup failed: %s", message)
 
-    def serve(self, predictor: Classifier | Detector, *, default: bool) -> AnyModel:
-        """Wrap a loaded predictor for serving: its batcher and its task's served type."""
-        self.metrics.model_ready.labels(predictor.info.name).set(0)
+    def serve(self, loaded: LoadedModel) -> AnyModel:
+        """Wrap a loaded model for serving: its batcher and its task's served type."""
+        predictor, version, default = loaded.predictor, loaded.version, loaded.default
         if isinstance(predictor, Classifier):  # the one place the task decides the type
-            return ServedClassifier(predictor, self.batcher(predictor), default=default)
-        return ServedDetector(predictor, self.batcher(predictor), default=default)
+            return ServedClassifier(predictor, self.batcher(predictor), default=default, version=version)
+        return ServedDetector(predictor, self.batcher(predictor), default=default, version=version)
 
     def batcher(self, predictor: Predictor[OptT, OutT]) -> MicroBatcher[ImageItem[OptT], OutT]:
         settings = self.settings
@@ -282,31 +337,45 @@ class InferenceService:
     async def warm_up(self, registry: ModelRegistry) -> None:
         """Each model's warm-up in its own inference thread (one forward per batch size, and the
         decoder's set-up), then it takes requests; ready once every model is warm."""
-        sizes = self.settings.max_batch_size
         for index, model in enumerate(registry.models.values(), start=1):
             self.not_ready_reason = f"warming up model {model.name!r} ({index}/{len(registry.models)})"
-            start = time.perf_counter()
-            await model.batcher.run_in_thread(functools.partial(self.warm, model.predictor, sizes))
-            seconds = time.perf_counter() - start
-            model.ready = True
-            self.metrics.model_warmup_seconds.labels(model.name).set(seconds)
+            await self.warm(model)
             self.metrics.model_ready.labels(model.name).set(1)
-            log.info("model %s warmed up (batch sizes 1..%d) in %.2f s", model.name, sizes, seconds)
         self.not_ready_reason = None
         log.info("ready: %d model(s) serving", len(registry.models))
 
-    def warm(self, predictor: Predictor[Any, Any], max_batch_size: int) -> None:
-        predictor.warmup(range(1, max_batch_size + 1))
-        self.decoder.warm_up(predictor, max_batch_size)
+    async def warm(self, model: AnyModel) -> None:
+        """``model``'s warm-up in its own inference thread: one forward per batch size 1..max, and
+        the decoder's set-up; then it takes requests."""
+        sizes = self.settings.max_batch_size
+        predictor = model.predictor
+        start = time.perf_counter()
+
+        def forwards() -> None:
+            predictor.warmup(range(1, sizes + 1))
+            self.decoder.warm_up(predictor, sizes)
+
+        await model.batcher.run_in_thread(forwards)
+        seconds = time.perf_counter() - start
+        model.ready = True
+        self.metrics.model_warmup_seconds.labels(model.name).set(seconds)
+        log.info("model %s warmed up (batch sizes 1..%d) in %.2f s", model.name, sizes, seconds)
+
+    def in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` as a task the service keeps (and cancels when it stops)."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def stop(self) -> None:
         """Draining: the start is cancelled, queued images fail with 503 DRAINING, threads end."""
         self.draining = True
-        if self._start_task is not None:
-            self._start_task.cancel()
-            await asyncio.gather(self._start_task, return_exceptions=True)
-        if self.registry is not None:
-            await asyncio.gather(*(m.batcher.stop() for m in self.registry.models.values()))
+        tasks = [t for t in (self._start_task, *self.background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        models = [*(self.registry.models.values() if self.registry else ()), *self.retiring]
+        await asyncio.gather(*(m.batcher.stop() for m in models))
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 
@@ -338,33 +407,68 @@ def batch_runner(
 # -- loading --------------------------------------------------------------------------------------
 
 
-def load_models(settings: Settings, metrics: Metrics) -> tuple[list[Classifier | Detector], dict[str, str]]:
-    """Every model of ``settings.models_file``, loaded in file order (int8: quantized), and the default
-    model name of each task. Blocking: seconds per full-size model. Raises StartupError."""
-    path = settings.models_file
+def load_models(settings: Settings, metrics: Metrics) -> list[LoadedModel]:
+    """Every model of ``settings.models_file``, loaded in file order. Blocking: seconds per
+    full-size model. Raises StartupError naming the file and the problem."""
+    models_file = read_checked(settings.models_file)
+    log.info(
+        "loading %d model(s) from %s on %s (%s)",
+        len(models_file.specs),
+        models_file.path,
+        settings.torch_device,
+        settings.precision,
+    )
+    return [load_entry(models_file, spec, settings, metrics) for spec in models_file.specs]
+
+
+def read_checked(path: Path) -> ModelsFile:
+    """The models file at ``path`` with every checkpoint present; raises StartupError."""
     try:
         models_file = read_models_file(path)
         check_weights_exist(models_file)
     except ModelsFileError as exc:
         raise StartupError(str(exc)) from None
-    log.info(
-        "loading %d model(s) from %s on %s (%s)",
-        len(models_file.specs),
-        path,
-        settings.torch_device,
-        settings.precision,
-    )
-    predictors: list[Classifier | Detector] = []
+    return models_file
+
+
+def load_entry(models_file: ModelsFile, spec: ModelSpec, settings: Settings, metrics: Metrics) -> LoadedModel:
+    """One entry of ``models_file`` loaded (and, for int8, quantized), with its version. Raises
+    StartupError naming the file and the problem."""
+    calibration = calibration_dir(models_file, spec, settings)
     try:
-        for spec in models_file.specs:
-            predictor = load_one(spec, settings, metrics)
-            if settings.int8:
-                calibration = models_file.calibration_dirs.get(spec.name) or settings.int8_calibration_dir
-                predictor = quantize_one(predictor, calibration)
-            predictors.append(predictor)
+        predictor = load_one(spec, settings, metrics)
+        if settings.int8:
+            predictor = quantize_one(predictor, calibration)
     except (CheckpointError, ModelConfigError) as exc:
-        raise StartupError(f"{path}: {exc}") from None
-    return predictors, models_file.defaults
+        raise StartupError(f"{models_file.path}: {exc}") from None
+    version = ModelVersion(
+        version_id(spec, predictor.info.sha256, settings, calibration),
+        predictor.info.sha256,
+        str(spec.weights),
+        time.time(),
+    )
+    return LoadedModel(predictor, version, models_file.defaults.get(spec.task) == spec.name)
+
+
+def calibration_dir(models_file: ModelsFile, spec: ModelSpec, settings: Settings) -> Path | None:
+    """Where ``spec``'s int8 calibration images are (None: not int8, or none given)."""
+    if not settings.int8:
+        return None
+    return models_file.calibration_dirs.get(spec.name) or settings.int8_calibration_dir
+
+
+def version_id(spec: ModelSpec, sha256: str | None, settings: Settings, calibration: Path | None) -> str:
+    """12 hex digits naming what a model answers with: the checkpoint's SHA-256, the entry (labels,
+    request defaults, preprocessing; not its name or file path), the precision, the calibration."""
+    entry = {key: value for key, value in asdict(spec).items() if key not in ("name", "weights")}
+    described = {
+        "sha256": sha256,
+        "entry": entry,
+        "precision": settings.precision,
+        "calibration": calibration,
+    }
+    digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode("utf-8"))
+    return digest.hexdigest()[:12]
 
 
 def load_one(spec: ModelSpec, settings: Settings, metrics: Metrics) -> Classifier | Detector:

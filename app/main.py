@@ -29,7 +29,7 @@ from app.auth import add_api_key_auth, add_cors
 from app.errors import ApiError, error_body
 from app.inference import InferenceService
 from app.metrics import Metrics
-from app.routers import health, models, predict, render, ui, v2
+from app.routers import admin, health, models, predict, render, ui, v2
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -78,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(v2.router)
     app.include_router(render.router)
+    admin.add_admin(app, settings)  # POST /admin/models/reload, with admin keys only
     ui.add_ui(app, settings)  # the browser page at /, unless VISION_UI_ENABLED=false
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  # Starlette types handlers loosely
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]  # as above

@@ -67,6 +67,12 @@ class Metrics:
             "vision_model_warmup_seconds", "time of a model's warm-up forwards", ["model"], registry=r
         )
         self.model_ready = Gauge("vision_model_ready", "1 once the model is warmed up", ["model"], registry=r)
+        self.reloads = Counter(
+            "vision_reloads_total",
+            "models-file reloads, by outcome (applied, unchanged, failed, rejected)",
+            ["outcome"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -13,6 +13,8 @@ Format (``docs/api.md``, "Starting the service")::
     default = true                # at most one per task; none marked: the first of the task
     # classify only: resize, crop, top_k; detect only: score_threshold, iou_threshold, max_detections
     calibration_dir = "calib/"    # optional: images of this model's own kind for VISION_PRECISION=int8
+    verify_dir = "verify/"        # optional: on a reload, the new version must answer these images
+    verify_agreement = 0.9        #   like the old one on at least this fraction (app.reload)
 
 Every problem raises :class:`ModelsFileError` whose message names the file and the entry.
 """
@@ -58,11 +60,15 @@ class _Entry(BaseModel):
     iou_threshold: IouThreshold | None = None
     max_detections: MaxDetections | None = None
     calibration_dir: Annotated[str, Field(min_length=1)] | None = None
+    verify_dir: Annotated[str, Field(min_length=1)] | None = None
+    verify_agreement: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
 
     @model_validator(mode="after")
     def _one_label_source(self) -> _Entry:
         if self.labels is not None and self.labels_file is not None:
             raise ValueError("give labels or labels_file, not both")
+        if self.verify_agreement is not None and self.verify_dir is None:
+            raise ValueError("verify_agreement needs verify_dir (the images to compare on)")
         return self
 
 
@@ -70,6 +76,19 @@ class _File(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[dict[str, object]] = Field(default_factory=list)
+
+
+#: The least agreement a reloaded version needs with the one it replaces, unless the entry says.
+DEFAULT_VERIFY_AGREEMENT = 0.9
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A reload's check of a new version (``verify_dir``): answer these images like the old one on
+    at least ``min_agreement`` of them (classifiers: top-1; detectors: matched detections)."""
+
+    folder: Path
+    min_agreement: float
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,8 @@ class ModelsFile:
     defaults: dict[str, str]
     #: per-model folders of int8 calibration images (``calibration_dir``), resolved
     calibration_dirs: dict[str, Path] = field(default_factory=dict)
+    #: per-model reload checks (``verify_dir``, ``verify_agreement``), resolved
+    verifications: dict[str, Verification] = field(default_factory=dict)
 
 
 def read_models_file(path: Path) -> ModelsFile:
@@ -108,6 +129,7 @@ def read_models_file(path: Path) -> ModelsFile:
     defaults: dict[str, str] = {}
     seen: set[str] = set()
     calibration_dirs: dict[str, Path] = {}
+    verifications: dict[str, Verification] = {}
     for index, table in enumerate(document.models):
         where = f"{path}: models[{index}]" + (
             f" ({table['name']!r})" if isinstance(table.get("name"), str) else ""
@@ -127,6 +149,9 @@ def read_models_file(path: Path) -> ModelsFile:
             defaults[entry.task] = entry.name
         if entry.calibration_dir is not None:
             calibration_dirs[entry.name] = folder / entry.calibration_dir
+        if entry.verify_dir is not None:
+            agreement = entry.verify_agreement or DEFAULT_VERIFY_AGREEMENT
+            verifications[entry.name] = Verification(folder / entry.verify_dir, agreement)
         labels = tuple(entry.labels) if entry.labels is not None else None
         if entry.labels_file is not None:
             labels = _read_labels(folder / entry.labels_file, where)
@@ -151,7 +176,7 @@ def read_models_file(path: Path) -> ModelsFile:
         specs.append(spec)
     for spec in specs:  # unmarked tasks: the first model of the task is the default
         defaults.setdefault(spec.task, spec.name)
-    return ModelsFile(path=path, specs=specs, defaults=defaults, calibration_dirs=calibration_dirs)
+    return ModelsFile(path, specs, defaults, calibration_dirs, verifications)
 
 
 def check_weights_exist(models_file: ModelsFile) -> None:

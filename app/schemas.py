@@ -108,6 +108,15 @@ class ImageSize(_Strict):
     height: int
 
 
+class ModelVersionInfo(_Strict):
+    id: str = Field(
+        description="changes with anything that changes the answers: checkpoint, entry, precision"
+    )
+    sha256: str | None = Field(description="of the checkpoint file")
+    source: str = Field(description="the checkpoint file")
+    loaded_at: str = Field(description="ISO 8601, UTC")
+
+
 class ModelSummary(_Strict):
     name: str
     task: Literal["classify", "detect"]
@@ -120,17 +129,52 @@ class ModelSummary(_Strict):
     default: bool = Field(description="the default model of its task")
     sha256: str | None
     ready: bool = Field(description="warmed up and serving")
+    version: ModelVersionInfo
 
 
 class ModelDetail(ModelSummary):
     labels: list[str] = Field(description="class_id i is labels[i]")
+    last_reload: ReloadReport | None = Field(description="this process's last reload (None: none yet)")
     defaults: dict[str, float | int | None] = Field(
         description="what a request gets for each parameter of the model's task that it does not send"
     )
 
 
+class ModelChange(_Strict):
+    model: str
+    action: Literal["added", "replaced", "removed", "unchanged"]
+    from_version: str | None
+    to_version: str | None
+    verification: dict[str, float | int | None] | None = Field(
+        description="the new version against the old on the entry's verify_dir: agreement, min_agreement, ..."
+    )
+
+
+class ReloadReport(_Strict):
+    """One serving process's reload."""
+
+    id: str | None = None
+    trigger: str | None = None
+    started_at: str | None = None
+    models_file: str | None = None
+    pid: int | None = None
+    worker: int | None = Field(None, description="the VISION_WORKERS worker (None: a single process)")
+    outcome: Literal["applied", "unchanged", "failed", "rejected"]
+    seconds: float | None = None
+    changes: list[ModelChange] = Field(default_factory=list)
+    error: str | None = None
+
+
+class ReloadAnswer(_Strict):
+    outcome: Literal["applied", "unchanged", "failed", "rejected"] = Field(
+        description="the worst of the processes' outcomes"
+    )
+    reports: list[ReloadReport]
+
+
 class ModelList(_Strict):
     models: list[ModelSummary]
+    last_reload: ReloadReport | None = Field(description="this process's last reload (None: none yet)")
 
 
 class Prediction(_Strict):
@@ -188,12 +232,14 @@ class DetectResult(_Strict):
 class ClassifyResponse(_Strict):
     request_id: str
     model: str
+    model_version: str = Field(description="the version that answered (``version.id`` in /v1/models)")
     results: list[ClassifyResult]
 
 
 class DetectResponse(_Strict):
     request_id: str
     model: str
+    model_version: str = Field(description="the version that answered (``version.id`` in /v1/models)")
     results: list[DetectResult]
 
 

@@ -47,9 +47,7 @@ class Settings(BaseSettings):
         env_prefix=PREFIX, env_file=".env", env_file_encoding="utf-8", extra="forbid", frozen=True
     )
 
-    models_file: Path = Field(
-        default=DEFAULT_MODELS_FILE, description="TOML list of the served models"
-    )
+    models_file: Path = Field(default=DEFAULT_MODELS_FILE, description="TOML list of the served models")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N (auto: cuda when available)")
     precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = Field(
         default="fp32",
@@ -149,6 +147,21 @@ class Settings(BaseSettings):
         description="set by the VISION_WORKERS supervisor for each worker process (not for users): "
         "the worker listens on its own SO_REUSEPORT socket",
     )
+    worker_dir: Path | None = Field(
+        default=None,
+        description="set by the VISION_WORKERS supervisor (not for users): the workers' shared folder",
+    )
+    admin_api_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="comma-separated keys for /admin/ (POST /admin/models/reload); needs VISION_API_KEYS; "
+        "empty = no /admin/ routes",
+    )
+    reload_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=86_400,
+        description="how long POST /admin/models/reload waits for every worker's reload",
+    )
 
     @field_validator("device")
     @classmethod
@@ -181,6 +194,17 @@ class Settings(BaseSettings):
         unknown = unknown_variables(os.environ)
         if unknown:
             raise ValueError("; ".join(unknown))
+        return self
+
+    @model_validator(mode="after")
+    def _admin_keys_need_api_keys(self) -> Settings:
+        if self.admin_key_list and not self.api_key_list:
+            raise ValueError(
+                "VISION_ADMIN_API_KEYS needs VISION_API_KEYS: the admin routes exist only where every "
+                "request is authenticated"
+            )
+        if set(self.admin_key_list) & set(self.api_key_list):
+            raise ValueError("a key is in both VISION_API_KEYS and VISION_ADMIN_API_KEYS; keep them apart")
         return self
 
     @model_validator(mode="after")
@@ -240,6 +264,11 @@ class Settings(BaseSettings):
     def api_key_list(self) -> tuple[str, ...]:
         """The API keys (blanks dropped); empty: authentication is off."""
         return _split_list(self.api_keys.get_secret_value())
+
+    @property
+    def admin_key_list(self) -> tuple[str, ...]:
+        """The admin keys (blanks dropped); empty: no /admin/ routes."""
+        return _split_list(self.admin_api_keys.get_secret_value())
 
     @property
     def cors_origin_list(self) -> tuple[str, ...]:

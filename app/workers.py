@@ -28,9 +28,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger("app.workers")
@@ -75,13 +77,15 @@ def bind_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
 
 
 def worker_environ(
-    environ: dict[str, str], workers: int, slot: int, *, restart: bool = False
+    environ: dict[str, str], workers: int, slot: int, folder: Path, *, restart: bool = False
 ) -> dict[str, str]:
-    """A worker's environment: one worker each (no recursion), its slot, a share of the CPU threads
-    unless ``VISION_TORCH_THREADS`` is set, and for a restarted worker a warm-up before it listens."""
+    """A worker's environment: the pool's size, its slot (which makes it serve, not supervise), the
+    workers' shared ``folder``, a share of the CPU threads unless ``VISION_TORCH_THREADS`` is set,
+    and for a restarted worker a warm-up before it listens."""
     env = dict(environ)
-    env["VISION_WORKERS"] = "1"
+    env["VISION_WORKERS"] = str(workers)
     env["VISION_WORKER_SLOT"] = str(slot)
+    env["VISION_WORKER_DIR"] = str(folder)
     if restart:
         env["VISION_WARM_BEFORE_LISTENING"] = "true"
     if not env.get("VISION_TORCH_THREADS"):
@@ -98,6 +102,7 @@ class Supervisor:
     count: int
     host: str
     port: int
+    folder: Path  # shared by the workers (reload requests and reports: app.reload)
     workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     stop_signal: int | None = None
     deaths: deque[float] = field(default_factory=deque)
@@ -106,7 +111,7 @@ class Supervisor:
         """Start worker ``slot``. A restarted one warms up before it takes connections (the others
         serve meanwhile); at the first start all warm up while serving, answering readiness 503."""
         argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port)]
-        env = worker_environ(dict(os.environ), self.count, slot, restart=restart)
+        env = worker_environ(dict(os.environ), self.count, slot, self.folder, restart=restart)
         process = subprocess.Popen(argv, env=env)
         self.workers[slot] = process
         log.info("worker %d started (pid %d)", slot, process.pid)
@@ -122,10 +127,19 @@ class Supervisor:
             log.info("%s: passed on to %d worker(s); waiting for them to drain",
                      signal.Signals(sig).name, len(self.workers))  # fmt: skip
 
+    def on_hangup(self, sig: int, frame: FrameType | None) -> None:
+        """SIGHUP (from outside, or from a worker asked to reload): every worker reloads."""
+        for process in self.workers.values():
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGHUP)
+        log.info("SIGHUP: passed on to %d worker(s): each reloads the models file", len(self.workers))
+
     def run(self) -> int:
         """Start the workers and supervise them; the exit status for ``python -m app``."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
+        signal.signal(signal.SIGHUP, self.on_hangup)
         for slot in range(self.count):
             self.spawn(slot)
         log.info("%d workers serving on %s:%d", self.count, self.host, self.port)
@@ -170,4 +184,5 @@ def serve_workers(host: str, port: int, count: int) -> int:
     except OSError as exc:
         print(f"vision-serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
-    return Supervisor(sock, count, host, port).run()
+    with tempfile.TemporaryDirectory(prefix="vision-workers-") as folder:
+        return Supervisor(sock, count, host, port, Path(folder)).run()

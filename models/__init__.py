@@ -12,6 +12,7 @@ Callers use the names exported here:
 """
 
 from models.agreement import agreement_report, reference_outputs
+from models.checkpoints import sha256_file
 from models.errors import CheckpointError, ModelConfigError
 from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
 from models.predictors import Classifier, Detector, Predictor, check_device_name, load_model, resolve_device
@@ -68,4 +69,5 @@ __all__ = [
     "quantize_predictor_with_report",
     "reference_outputs",
     "resolve_device",
+    "sha256_file",
 ]

@@ -44,9 +44,13 @@ from models.types import ARCHS, FORMATS, ModelSpec, Task
 from models.vgg import describe_vgg_state_dict
 
 TARGETS = ("ssd.pytorch", "torchvision", "project")
-_LAYOUT_NAMES = {"ssd.pytorch": "book / ssd.pytorch keys", "torchvision-ssd": "torchvision SSD keys",
-                 "vgg": "torchvision VGG keys", "vgg_bn": "torchvision VGG-BN keys",
-                 "project": "project file"}
+_LAYOUT_NAMES = {
+    "ssd.pytorch": "book / ssd.pytorch keys",
+    "torchvision-ssd": "torchvision SSD keys",
+    "vgg": "torchvision VGG keys",
+    "vgg_bn": "torchvision VGG-BN keys",
+    "project": "project file",
+}
 
 
 class ConvertError(Exception):
@@ -62,8 +66,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("src", type=Path, help="checkpoint to read")
     parser.add_argument("dst", type=Path, help="file to write")
     parser.add_argument("--to", required=True, choices=TARGETS, help="layout to write")
-    parser.add_argument("--from", dest="src_format", default="auto", choices=FORMATS,
-                        help="format of SRC (default: detected from its keys)")
+    parser.add_argument(
+        "--from",
+        dest="src_format",
+        default="auto",
+        choices=FORMATS,
+        help="format of SRC (default: detected from its keys)",
+    )
     parser.add_argument("--task", choices=("classify", "detect"), help="default: from SRC's keys")
     parser.add_argument("--arch", choices=ARCHS, help="default: from SRC's keys")
     labels = parser.add_mutually_exclusive_group()
@@ -141,14 +150,18 @@ def convert(args: argparse.Namespace) -> str:
     if args.arch is not None and args.arch != arch:
         raise ConvertError(f"{src} holds a {arch}, not the --arch {args.arch} given")
     # the loader's checks of the format and task against the file's keys
-    spec = ModelSpec(name=src.stem, task=args.task or task, arch=arch, format=args.src_format, weights=src,
-                     labels=labels)
+    spec = ModelSpec(
+        name=src.stem, task=args.task or task, arch=arch, format=args.src_format, weights=src, labels=labels
+    )
     src_format = resolve_format(spec, src, obj, layout)
     if args.to == "project":
         built = build_model(spec, "cpu")
         if isinstance(built.transform, ClassifierTransform):
-            preprocess: dict[str, Any] = {"kind": "classifier", "resize": built.transform.resize,
-                                          "crop": built.transform.crop}
+            preprocess: dict[str, Any] = {
+                "kind": "classifier",
+                "resize": built.transform.resize,
+                "crop": built.transform.crop,
+            }
             postprocess: dict[str, Any] | None = None
         else:
             assert built.postprocess is not None
@@ -157,8 +170,13 @@ def convert(args: argparse.Namespace) -> str:
             postprocess = {"semantics": semantics, "class_offset": built.class_offset}
         metadata = {"converted_from": src.name, "source_format": built.format, "source_sha256": digest}
         out: dict[str, Any] = project_checkpoint(
-            built.model, task=built.task, arch=built.arch, labels=built.labels, preprocess=preprocess,
-            postprocess=postprocess, metadata=metadata,
+            built.model,
+            task=built.task,
+            arch=built.arch,
+            labels=built.labels,
+            preprocess=preprocess,
+            postprocess=postprocess,
+            metadata=metadata,
         )
         tensors = len(out["state_dict"])
         what = f"vision-serve project {built.arch}, {len(built.labels)} labels, {tensors} tensors"
@@ -170,8 +188,10 @@ def convert(args: argparse.Namespace) -> str:
         what = f"{args.to} layout, {len(out)} tensors"
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, dst)
-    return (f"read {src}: {src_format} {arch} ({_LAYOUT_NAMES.get(layout, layout)}), sha256 {digest[:16]}\n"
-            f"wrote {dst}: {what}, sha256 {sha256_file(dst)[:16]}")
+    return (
+        f"read {src}: {src_format} {arch} ({_LAYOUT_NAMES.get(layout, layout)}), sha256 {digest[:16]}\n"
+        f"wrote {dst}: {what}, sha256 {sha256_file(dst)[:16]}"
+    )
 
 
 # The loader words its messages for the models file; here the same facts come from options.

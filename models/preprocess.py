@@ -229,8 +229,9 @@ def decode_jpegs(encoded: Sequence[bytes], device: torch.device | str) -> list[T
     return list(decoded)
 
 
-def calibration_batches(images: Sequence[Image.Image], preprocess: Callable[[Image.Image], Tensor],
-                        batch_size: int = 8) -> list[Tensor]:
+def calibration_batches(
+    images: Sequence[Image.Image], preprocess: Callable[[Image.Image], Tensor], batch_size: int = 8
+) -> list[Tensor]:
     """Preprocess ``images`` (converted to RGB first) and stack them into batches of ``batch_size``
     (the last one may be smaller): -> list of FloatTensor[b, 3, H, W], in the images' order.
 

@@ -207,8 +207,9 @@ def quantize_int8(model: nn.Module, calibration: Iterable[Tensor], *, example: T
     custom = PrepareCustomConfig().set_non_traceable_module_classes([L2Norm])
     with _quiet():
         try:
-            prepared = prepare_fx(traced, get_default_qconfig_mapping(BACKEND), (example,),
-                                  prepare_custom_config=custom)
+            prepared = prepare_fx(
+                traced, get_default_qconfig_mapping(BACKEND), (example,), prepare_custom_config=custom
+            )
         except torch.fx.proxy.TraceError as e:
             raise ValueError(
                 f"{type(model).__name__} cannot be quantized: torch.fx cannot trace its forward ({e})"
@@ -284,15 +285,18 @@ def quantize_predictor(predictor: P, images: Sequence[Image.Image], batch_size: 
             f"int8 starts from fp32 weights; {predictor.info.name!r} was loaded in {predictor.dtype}: "
             f"load it in fp32"
         )
-    batches = [b.contiguous(memory_format=torch.channels_last)
-               for b in calibration_batches(images, predictor.preprocess, batch_size)]
+    batches = [
+        b.contiguous(memory_format=torch.channels_last)
+        for b in calibration_batches(images, predictor.preprocess, batch_size)
+    ]
     predictor.model = quantize_int8(predictor.model, batches, example=batches[0])
     predictor.info = dataclasses.replace(predictor.info, dtype="int8")  # info may be shared with a copy
     return predictor
 
 
-def quantize_predictor_with_report(predictor: P, images: Sequence[Image.Image], *, batch_size: int = 8,
-                                   report_images: int = 16) -> tuple[P, dict[str, Any]]:
+def quantize_predictor_with_report(
+    predictor: P, images: Sequence[Image.Image], *, batch_size: int = 8, report_images: int = 16
+) -> tuple[P, dict[str, Any]]:
     """:func:`quantize_predictor`, plus the accuracy cost on the first ``report_images`` of ``images``.
 
     The report (:func:`agreement_report`, fp32 against int8) is measured on calibration images, so it is

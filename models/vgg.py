@@ -46,8 +46,9 @@ class VGG(nn.Module):
     forward: x (FloatTensor[B, 3, H, W]) -> logits (FloatTensor[B, num_classes]).
     """
 
-    def __init__(self, features: nn.Sequential, num_classes: int = 1000, hidden: int = HIDDEN,
-                 dropout: float = 0.5) -> None:
+    def __init__(
+        self, features: nn.Sequential, num_classes: int = 1000, hidden: int = HIDDEN, dropout: float = 0.5
+    ) -> None:
         super().__init__()
         out_channels = [m.out_channels for m in features if isinstance(m, nn.Conv2d)][-1]
         self.features = features
@@ -85,8 +86,9 @@ class VGG(nn.Module):
         return logits
 
 
-def make_features(cfg: tuple[int | str, ...] = VGG16_CFG, batch_norm: bool = False,
-                  width: float = 1.0) -> nn.Sequential:
+def make_features(
+    cfg: tuple[int | str, ...] = VGG16_CFG, batch_norm: bool = False, width: float = 1.0
+) -> nn.Sequential:
     """The conv stack: 3x3 convs (padding 1) + [BatchNorm] + ReLU, "M" = MaxPool2d(2, 2)."""
     layers: list[nn.Module] = []
     in_channels = 3

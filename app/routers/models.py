@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter
 
-from app.deps import RegistryDep
+from app.deps import ServiceDep
 from app.inference import AnyModel
 from app.schemas import ErrorBody, ModelDetail, ModelList
 
@@ -29,6 +30,12 @@ def describe(model: AnyModel, *, detail: bool = False) -> dict[str, Any]:
         "default": model.default,
         "sha256": info.sha256,
         "ready": model.ready,
+        "version": {
+            "id": model.version.id,
+            "sha256": model.version.sha256,
+            "source": model.version.source,
+            "loaded_at": datetime.fromtimestamp(model.version.loaded_at, UTC).isoformat(timespec="seconds"),
+        },
     }
     if detail:
         out["labels"] = list(info.labels)
@@ -37,12 +44,14 @@ def describe(model: AnyModel, *, detail: bool = False) -> dict[str, Any]:
 
 
 @router.get("", response_model=ModelList)
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
-    """Every served model, in the models file's order."""
-    return {"models": [describe(m) for m in registry.models.values()]}
+async def list_models(service: ServiceDep) -> dict[str, Any]:
+    """Every served model, in the models file's order, and the last reload's report."""
+    models = [describe(m) for m in service.require_registry().models.values()]
+    return {"models": models, "last_reload": service.last_reload}
 
 
 @router.get("/{name}", response_model=ModelDetail, responses={404: {"model": ErrorBody}})
-async def get_model(name: str, registry: RegistryDep) -> dict[str, Any]:
-    """One model, with its labels (``class_id`` i is ``labels[i]``) and request defaults."""
-    return describe(registry.get(name), detail=True)
+async def get_model(name: str, service: ServiceDep) -> dict[str, Any]:
+    """One model, with its labels (``class_id`` i is ``labels[i]``), request defaults, version and
+    the last reload's report."""
+    return {**describe(service.require_registry().get(name), detail=True), "last_reload": service.last_reload}

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from app.deps import DeadlineDep, RegistryDep, ServiceDep
+from app.deps import DeadlineDep, ServiceDep
 from app.errors import validation_error
 from app.inference import ImageResult, InferenceService, ServedClassifier, ServedDetector, ServedModel
 from app.schemas import (
@@ -43,41 +43,38 @@ _POST: dict[str, Any] = {"openapi_extra": IMAGE_REQUEST_BODY, "responses": ERROR
 async def classify(
     request: Request,
     service: ServiceDep,
-    registry: RegistryDep,
     deadline: DeadlineDep,
     query: Annotated[ClassifyQuery, Query()],
 ) -> JSONResponse:
     """Classify each image with the default classifier (or ``?model=NAME``)."""
-    model = registry.classifier(query.model)
+    model = service.require_registry().classifier(query.model)
     results = await run_request(request, service, model, query, deadline)
-    return JSONResponse(classify_body(request, model, results))
+    return answer(classify_body(request, model, results), model)
 
 
 @router.post("/v1/detect", response_model=DetectResponse, **_POST)
 async def detect(
     request: Request,
     service: ServiceDep,
-    registry: RegistryDep,
     deadline: DeadlineDep,
     query: Annotated[DetectQuery, Query()],
 ) -> JSONResponse:
     """Detect objects in each image with the default detector (or ``?model=NAME``)."""
-    model = registry.detector(query.model)
+    model = service.require_registry().detector(query.model)
     results = await run_request(request, service, model, query, deadline)
-    return JSONResponse(detect_body(request, model, results, query))
+    return answer(detect_body(request, model, results, query), model)
 
 
 @router.post("/v1/models/{name}/predict", response_model=ClassifyResponse | DetectResponse, **_POST)
 async def predict(
     request: Request,
     service: ServiceDep,
-    registry: RegistryDep,
     deadline: DeadlineDep,
     name: Annotated[str, Path(description="a served model's name")],
     query: Annotated[PredictQuery, Query()],
 ) -> JSONResponse:
     """Run the named model's own task (classify or detect) on each image."""
-    model = registry.get(name)
+    model = service.require_registry().get(name)
     misplaced = sorted(query.model_fields_set - PREDICT_FIELDS[model.task])
     if misplaced:
         raise validation_error(
@@ -86,10 +83,10 @@ async def predict(
     match model:
         case ServedClassifier():
             results = await run_request(request, service, model, query, deadline)
-            return JSONResponse(classify_body(request, model, results))
+            return answer(classify_body(request, model, results), model)
         case ServedDetector():
             detections = await run_request(request, service, model, query, deadline)
-            return JSONResponse(detect_body(request, model, detections, query))
+            return answer(detect_body(request, model, detections, query), model)
 
 
 async def run_request(
@@ -102,14 +99,22 @@ async def run_request(
     max_files: int | None = None,
     keep_images: bool = False,
 ) -> list[ImageResult[OutT]]:
-    """The ``/v1`` request path: check that ``model`` serves (503), read the request's images
-    (at most ``max_files``, default the setting), then the inference core with the request's
-    options (``parameters`` over the model's defaults)."""
+    """The ``/v1`` request path: check that ``model`` serves (503) and hold it, read the request's
+    images (at most ``max_files``, default the setting), then the inference core with the
+    request's options (``parameters`` over the model's defaults). Call it right after the registry
+    lookup that gave ``model`` (``InferenceService.admit``)."""
     request.state.model = model.name
-    service.check_serving(model)
-    settings = service.settings
-    images = await read_uploads(request, settings.max_body_bytes, max_files or settings.max_files)
-    return await service.infer(model, images, model.options(parameters), deadline, keep_images=keep_images)
+    with service.admit(model):
+        settings = service.settings
+        images = await read_uploads(request, settings.max_body_bytes, max_files or settings.max_files)
+        return await service.infer(
+            model, images, model.options(parameters), deadline, keep_images=keep_images
+        )
+
+
+def answer(body: dict[str, Any], model: ServedModel[Any, Any]) -> JSONResponse:
+    """The JSON answer, with the version that computed it in ``X-Model-Version``."""
+    return JSONResponse(body, headers={"X-Model-Version": model.version.id})
 
 
 def classify_body(
@@ -120,6 +125,7 @@ def classify_body(
     return {
         "request_id": request.state.request_id,
         "model": model.name,
+        "model_version": model.version.id,
         "results": [
             {
                 "index": index,
@@ -168,7 +174,12 @@ def detect_body(
         answers.append(
             {"index": index, "image": {"width": width, "height": height}, "detections": detections}
         )
-    return {"request_id": request.state.request_id, "model": model.name, "results": answers}
+    return {
+        "request_id": request.state.request_id,
+        "model": model.name,
+        "model_version": model.version.id,
+        "results": answers,
+    }
 
 
 def format_box(box: list[float], box_format: BoxFormat) -> dict[str, float]:

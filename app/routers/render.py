@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from app.deps import DeadlineDep, RegistryDep, ServiceDep
+from app.deps import DeadlineDep, ServiceDep
 from app.errors import ApiError
 from app.inference import ImageResult, InferenceService, ServedModel
 from app.render import (
@@ -60,7 +60,6 @@ _POST: dict[str, Any] = {
 async def detect_render(
     request: Request,
     service: ServiceDep,
-    registry: RegistryDep,
     deadline: DeadlineDep,
     query: Annotated[DetectQuery, Query()],
 ) -> Response:
@@ -68,7 +67,7 @@ async def detect_render(
 
     ``box_format`` and ``normalized`` are accepted (the query of ``/v1/detect``) and change nothing.
     """
-    model = registry.detector(query.model)
+    model = service.require_registry().detector(query.model)
     media_type = _media_type(request)
     result = await _run_one(request, service, model, query, deadline)
     labels = model.labels
@@ -85,19 +84,18 @@ async def detect_render(
         return encode(draw_detections(image, boxes), media_type)
 
     body = await service.run_cpu(draw)
-    return _image_response(body, media_type, model.name, {"X-Detections": str(len(result.output.scores))})
+    return _image_response(body, media_type, model, {"X-Detections": str(len(result.output.scores))})
 
 
 @router.post("/v1/classify/render", **_POST)
 async def classify_render(
     request: Request,
     service: ServiceDep,
-    registry: RegistryDep,
     deadline: DeadlineDep,
     query: Annotated[ClassifyQuery, Query()],
 ) -> Response:
     """Classify one image and return it with the top-k labels, scores and bars drawn."""
-    model = registry.classifier(query.model)
+    model = service.require_registry().classifier(query.model)
     media_type = _media_type(request)
     result = await _run_one(request, service, model, query, deadline)
     labels = model.labels
@@ -112,11 +110,19 @@ async def classify_render(
         return encode(draw_predictions(image, top), media_type)
 
     body = await service.run_cpu(draw)
-    return _image_response(body, media_type, model.name, {"X-Predictions": str(len(result.output.scores))})
+    return _image_response(body, media_type, model, {"X-Predictions": str(len(result.output.scores))})
 
 
-def _image_response(body: bytes, media_type: str, model: str, count: dict[str, str]) -> Response:
-    headers = {"X-Model": model, **count, "Vary": "Accept", "Cache-Control": "no-store"}
+def _image_response(
+    body: bytes, media_type: str, model: ServedModel[Any, Any], count: dict[str, str]
+) -> Response:
+    headers = {
+        "X-Model": model.name,
+        "X-Model-Version": model.version.id,
+        **count,
+        "Vary": "Accept",
+        "Cache-Control": "no-store",
+    }
     return Response(body, media_type=media_type, headers=headers)
 
 

@@ -218,7 +218,13 @@ async def _infer(
     request: Request, service: InferenceService, model: AnyModel, deadline: float
 ) -> JSONResponse:
     request.state.model = model.name
-    service.check_serving(model)
+    with service.admit(model):
+        return await _answer(request, service, model, deadline)
+
+
+async def _answer(
+    request: Request, service: InferenceService, model: AnyModel, deadline: float
+) -> JSONResponse:
     settings = service.settings
     body = await read_body(request, settings.max_body_bytes)
     document, images = parse_infer_request(
@@ -240,7 +246,8 @@ async def _infer(
             "model_version": MODEL_VERSION,
             "id": request_id if isinstance(request_id, str) else request.state.request_id,
             "outputs": [tensors[name] for name in wanted],
-        }
+        },
+        headers={"X-Model-Version": model.version.id},
     )
 
 

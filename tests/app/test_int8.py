@@ -67,7 +67,7 @@ def test_int8_predictors_are_quantized(
     settings = settings_for(
         precision="int8", int8_calibration_dir=calibration_dir, models_file=tiny_models_file
     )
-    int8_predictors, _ = load_models(settings, Metrics())
+    int8_predictors = [loaded.predictor for loaded in load_models(settings, Metrics())]
     assert [p.info.dtype for p in int8_predictors] == ["int8"] * len(int8_predictors)
     # the shared fp32 models are not touched by quantizing copies of them
     assert [p.info.dtype for p in tiny_predictors] == ["float32"] * len(tiny_predictors)

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.settings import Settings
 from app.workers import worker_environ
 from bench.servers import proc_stats
 from tests.app.harness import CLASSIFIER
@@ -121,9 +122,10 @@ def classify_many(base_url: str, count: int) -> list[int]:
 def test_two_workers_serve_restart_and_drain(workers: Workers) -> None:
     first = children(workers.process.pid)
     assert len(first) == 2, workers.log.read_text()
-    for pid in first:  # each worker got its share of the cores and the no-recursion setting
+    for pid in first:  # each worker got its share of the cores, and a slot (it serves, not supervises)
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert b"VISION_WORKERS=1" in environ
+        assert b"VISION_WORKERS=2" in environ
+        assert any(item.startswith(b"VISION_WORKER_SLOT=") for item in environ)
         assert any(item.startswith(b"VISION_TORCH_THREADS=") for item in environ)
     assert classify_many(workers.base_url, 12) == [200] * 12
 
@@ -190,8 +192,16 @@ def test_a_worker_that_cannot_load_stops_the_start(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_worker_environment_splits_the_cores() -> None:
-    env = worker_environ({"PATH": "/bin"}, workers=4, slot=3)
-    assert env["VISION_WORKERS"] == "1" and env["VISION_WORKER_SLOT"] == "3"
+def test_worker_environment_splits_the_cores(tmp_path: Path) -> None:
+    env = worker_environ({"PATH": "/bin"}, workers=4, slot=3, folder=tmp_path)
+    assert env["VISION_WORKERS"] == "4" and env["VISION_WORKER_SLOT"] == "3"
+    assert env["VISION_WORKER_DIR"] == str(tmp_path) and "VISION_WARM_BEFORE_LISTENING" not in env
     assert env["VISION_TORCH_THREADS"] == str(max(1, (os.cpu_count() or 1) // 4))
-    assert worker_environ({"VISION_TORCH_THREADS": "7"}, 4, 0)["VISION_TORCH_THREADS"] == "7"
+    assert worker_environ({"VISION_TORCH_THREADS": "7"}, 4, 0, tmp_path)["VISION_TORCH_THREADS"] == "7"
+    restarted = worker_environ({}, 4, 0, tmp_path, restart=True)
+    assert restarted["VISION_WARM_BEFORE_LISTENING"] == "true"
+    settings = Settings(
+        _env_file=None,
+        **{k.removeprefix("VISION_").lower(): v for k, v in env.items() if k.startswith("VISION_")},
+    )
+    assert settings.worker_slot == 3 and settings.workers == 4  # a worker serves: it does not supervise
