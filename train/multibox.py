@@ -33,8 +33,13 @@ def encode(matched: Tensor, priors: Tensor, variances: tuple[float, float] = (0.
     return torch.cat((offsets, scales), dim=1)
 
 
-def match(truths: Tensor, labels: Tensor, priors: Tensor, threshold: float = 0.5,
-          variances: tuple[float, float] = (0.1, 0.2)) -> tuple[Tensor, Tensor]:
+def match(
+    truths: Tensor,
+    labels: Tensor,
+    priors: Tensor,
+    threshold: float = 0.5,
+    variances: tuple[float, float] = (0.1, 0.2),
+) -> tuple[Tensor, Tensor]:
     """Targets for one image.
 
     Args:
@@ -70,8 +75,13 @@ class MultiBoxLoss(nn.Module):
     default boxes in the batch (at least 1, so a batch without objects gives finite zeros).
     """
 
-    def __init__(self, priors: Tensor, threshold: float = 0.5, neg_pos: int = 3,
-                 variances: tuple[float, float] = (0.1, 0.2)) -> None:
+    def __init__(
+        self,
+        priors: Tensor,
+        threshold: float = 0.5,
+        neg_pos: int = 3,
+        variances: tuple[float, float] = (0.1, 0.2),
+    ) -> None:
         super().__init__()
         self.register_buffer("priors", priors.clone(), persistent=False)
         self.threshold = threshold
@@ -98,8 +108,9 @@ class MultiBoxLoss(nn.Module):
         loss_loc = F.smooth_l1_loss(loc[pos].float(), loc_t[pos], reduction="sum")
 
         with torch.no_grad():  # hard negative mining: rank the negatives by their own cross-entropy
-            mining = F.cross_entropy(conf.reshape(-1, num_classes).float(), conf_t.reshape(-1),
-                                     reduction="none").reshape(batch, num_priors)
+            mining = F.cross_entropy(
+                conf.reshape(-1, num_classes).float(), conf_t.reshape(-1), reduction="none"
+            ).reshape(batch, num_priors)
             mining[pos] = 0.0
             order = mining.argsort(dim=1, descending=True)
             rank = order.argsort(dim=1)  # rank[b, a] = position of box a in the descending order
