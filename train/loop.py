@@ -201,10 +201,11 @@ class RunState:
     """What ``--resume`` restores, and the file it restores it from.
 
     ``flags`` are the options that shape the network (architecture, width, labels, ...): a resume
-    file written with other values is refused. ``config`` (all the options) is saved for the record. :meth:`save` writes ``train_state.pth`` (tensors and
-    plain data only, so ``weights_only`` reads it) and ``history.json``; :meth:`restore` loads the
-    model, optimizer, scheduler, the loader's generator and the global random generators and returns
-    the rest of the saved dict (epoch, history, best score, ...).
+    file written with other values is refused. ``config`` (every option) is kept for the record.
+    :meth:`save` writes ``train_state.pth`` (tensors and plain data only, so ``weights_only`` reads
+    it) and ``history.json``; :meth:`restore` loads the model, optimizer, scheduler, the loader's
+    generator and the global random generators and returns the rest of the saved dict (epoch,
+    history, best score, ...).
     """
 
     def __init__(
