@@ -1,22 +1,10 @@
-"""SSD training augmentations (the book's ``data_augumentation.py`` / amdegroot's, written for NumPy 2).
+"""SSD training augmentations in the book's order (book-ssd.md 2.9): photometric distortion, expand,
+random sample crop, mirror; the book's ``data_augumentation.py`` written for NumPy 2.
 
-Every step is a callable ``(image, boxes, labels, rng) -> (image, boxes, labels)`` on
-``image`` float32[H, W, 3] RGB in 0-255, ``boxes`` float32[N, 4] [x1, y1, x2, y2] in pixels and
-``labels`` int64[N]; ``rng`` is a ``numpy.random.Generator`` (no global NumPy state).
-
-The pipeline (:func:`ssd_train_augment`) is the book's order (book-ssd.md 2.9): photometric
-distortion, expand (zoom out), random sample crop (zoom in), mirror. The resize to the network
-input and the mean subtraction are NOT here: the caller hands the result to the service's own
-``models.preprocess.SSDTransform``.
-
-Two fixes against the originals:
-
-- ``RandomSampleCrop`` picks its mode by index (``rng.integers``), not ``np.random.choice`` on a
-  ragged tuple, which NumPy >= 1.24 refuses;
-- its overlap test is the SSD paper's / Caffe's constraint: a patch is accepted when SOME ground
-  truth box has min_iou <= IoU <= max_iou. amdegroot's
-  ``if overlap.min() < min_iou and max_iou < overlap.max()`` almost never rejects anything, so
-  its "min IoU 0.7" patches are in practice any patch.
+Every step is ``(image, boxes, labels, rng) -> (image, boxes, labels)`` on ``image`` float32[H, W, 3]
+RGB 0-255, ``boxes`` float32[N, 4] [x1, y1, x2, y2] in pixels and ``labels`` int64[N], drawing from
+``rng`` (a ``numpy.random.Generator``, no global state). The resize and mean subtraction are the
+service's own ``models.preprocess.SSDTransform``, applied by the caller.
 """
 
 from __future__ import annotations
@@ -146,7 +134,12 @@ def random_sample_crop(
     [0.5, 2], accept the first one that some box overlaps with min_iou <= IoU <= max_iou and that
     holds at least one box centre. Boxes whose centre falls outside the patch are dropped, the rest
     are clipped to it. After ``trials`` failures another mode is picked; after ``rounds`` modes the
-    sample is returned unchanged (amdegroot loops forever)."""
+    sample is returned unchanged (amdegroot loops forever).
+
+    The overlap test is the paper's (Caffe's): SOME box within [min_iou, max_iou]. amdegroot's
+    ``overlap.min() < min_iou and max_iou < overlap.max()`` almost never rejects, so its "min IoU
+    0.7" patches are any patch. The mode is drawn by index: ``np.random.choice`` on the ragged
+    tuple of modes fails on NumPy >= 1.24."""
     height, width = image.shape[:2]
     if len(boxes) == 0:
         return image, boxes, labels

@@ -1,13 +1,7 @@
-"""SSD training targets and loss: ``match`` / ``encode`` and ``MultiBoxLoss`` (book-ssd.md 2.9).
-
-- :func:`match`: IoU of every ground truth with every default box (in corner form); each ground
-  truth first claims its best default box (whatever the IoU), then every other default box takes
-  the ground truth it overlaps most if that IoU is >= ``threshold`` (0.5), else background.
-- :func:`encode`: the paper's offsets (eq. 2) divided by the variances, the inverse of
-  ``models.detect.decode``.
-- :class:`MultiBoxLoss`: smooth L1 over positive boxes + cross-entropy over positives and the
-  hardest negatives (``neg_pos`` = 3 per positive, ranked by their own cross-entropy), both summed
-  over the batch and divided by the number of positives.
+"""SSD training targets and loss (book-ssd.md 2.9, the SSD paper's eq. 1 and 2): :func:`match`
+assigns each default box a ground truth or background, :func:`encode` turns boxes into regression
+targets (the inverse of ``models.detect.decode``), :class:`MultiBoxLoss` sums smooth L1 and
+hard-negative-mined cross-entropy over the number of positives.
 """
 
 from __future__ import annotations
@@ -40,7 +34,9 @@ def match(
     threshold: float = 0.5,
     variances: tuple[float, float] = (0.1, 0.2),
 ) -> tuple[Tensor, Tensor]:
-    """Targets for one image.
+    """Targets for one image: each ground truth first claims its best default box (whatever the
+    IoU), then every other default box takes the ground truth it overlaps most if that IoU is >=
+    ``threshold``, else background.
 
     Args:
         truths (Tensor[N, 4]): ground-truth boxes [x1, y1, x2, y2], normalised, with x2 > x1, y2 > y1.

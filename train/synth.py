@@ -1,18 +1,9 @@
-"""Synthetic "shapes" data: filled coloured shapes on textured backgrounds, in both training layouts.
-
-``python -m train synth --layout folders --out DIR`` writes the classifier layout
-(``DIR/{train,val}/<class>/NNNNN.jpg``, one shape per image); ``--layout voc`` writes the detector
-layout (``DIR/JPEGImages/*.jpg``, ``DIR/Annotations/*.xml``, ``DIR/ImageSets/Main/{train,val}.txt``
-and ``DIR/labels.txt``), with 1 to ``max_objects`` shapes per image at varied scale, aspect,
-rotation and overlap.
+"""Synthetic "shapes" data: filled coloured shapes on textured backgrounds, in both training layouts
+(class folders for the classifier, PASCAL VOC for the detector).
 
 Every image is drawn from its own generator seeded with ``(seed, split, index)``, so a file does
-not depend on how many others are written: ``--train 100`` and ``--train 1000`` share their first
-100 images, and a held-out set is just another seed.
-
-Boxes are the exact extent of each shape's polygon (shapes are polygons, ellipses included), in
-pixels; a VOC object is marked ``difficult`` when other shapes hide more than
-``DIFFICULT_HIDDEN`` of its pixels.
+not depend on how many others are written, and a held-out set is just another seed. Boxes are the
+exact extent of each shape's polygon; an object mostly hidden by others is marked ``difficult``.
 """
 
 from __future__ import annotations
