@@ -190,7 +190,7 @@ def describe(result: Mapping[str, Any]) -> list[str]:
             f"({result['difficult']} difficult, ignored)"
         ]
         if metric == "coco":
-            lines[0] += f" ({COCO_TOOL})"
+            lines[0] += f"; by {COCO_TOOL}"
             lines.append(
                 f"COCO AP50 = {result['ap50']:.4f}, AP75 = {result['ap75']:.4f}, "
                 f"AR@100 = {result['ar100']:.4f}"
