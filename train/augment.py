@@ -1,22 +1,10 @@
-"""SSD training augmentations (the book's ``data_augumentation.py`` / amdegroot's, written for NumPy 2).
+"""SSD training augmentations in the book's order (book-ssd.md 2.9): photometric distortion, expand,
+random sample crop, mirror; the book's ``data_augumentation.py`` written for NumPy 2.
 
-Every step is a callable ``(image, boxes, labels, rng) -> (image, boxes, labels)`` on
-``image`` float32[H, W, 3] RGB in 0-255, ``boxes`` float32[N, 4] [x1, y1, x2, y2] in pixels and
-``labels`` int64[N]; ``rng`` is a ``numpy.random.Generator`` (no global NumPy state).
-
-The pipeline (:func:`ssd_train_augment`) is the book's order (book-ssd.md 2.9): photometric
-distortion, expand (zoom out), random sample crop (zoom in), mirror. The resize to the network
-input and the mean subtraction are NOT here: the caller hands the result to the service's own
-``models.preprocess.SSDTransform``.
-
-Two fixes against the originals:
-
-- ``RandomSampleCrop`` picks its mode by index (``rng.integers``), not ``np.random.choice`` on a
-  ragged tuple, which NumPy >= 1.24 refuses;
-- its overlap test is the SSD paper's / Caffe's constraint: a patch is accepted when SOME ground
-  truth box has min_iou <= IoU <= max_iou. amdegroot's
-  ``if overlap.min() < min_iou and max_iou < overlap.max()`` almost never rejects anything, so
-  its "min IoU 0.7" patches are in practice any patch.
+Every step is ``(image, boxes, labels, rng) -> (image, boxes, labels)`` on ``image`` float32[H, W, 3]
+RGB 0-255, ``boxes`` float32[N, 4] [x1, y1, x2, y2] in pixels and ``labels`` int64[N], drawing from
+``rng`` (a ``numpy.random.Generator``, no global state). The resize and mean subtraction are the
+service's own ``models.preprocess.SSDTransform``, applied by the caller.
 """
 
 from __future__ import annotations
@@ -66,8 +54,9 @@ def _hsv_stage(image: np.ndarray, saturation: float | None, hue: float | None) -
     return np.asarray(back.convert("RGB"), dtype=np.float32)
 
 
-def photometric_distort(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-                        rng: np.random.Generator) -> Sample:
+def photometric_distort(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+) -> Sample:
     """The book's ``PhotometricDistort``: brightness +-32 (p 0.5); then contrast x[0.5, 1.5] (p 0.5)
     either before or after (p 0.5 each) an HSV stage of saturation x[0.5, 1.5] (p 0.5) and hue
     +-18 degrees (p 0.5); then a random channel permutation (p 0.5). Boxes are unchanged. The result
@@ -95,8 +84,15 @@ def photometric_distort(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
 # ----------------------------------------------------------------------------------------- geometry
 
 
-def expand(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-           fill: Sequence[float] = SSD_PIXEL_MEAN_RGB, max_ratio: float = 4.0, p: float = 0.5) -> Sample:
+def expand(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    fill: Sequence[float] = SSD_PIXEL_MEAN_RGB,
+    max_ratio: float = 4.0,
+    p: float = 0.5,
+) -> Sample:
     """Zoom out (p 0.5): put the image at a random place on a canvas ``ratio`` times its size
     (ratio in [1, max_ratio]) filled with ``fill`` (the SSD pixel mean, so it becomes 0 after the
     mean subtraction); boxes move with it."""
@@ -108,7 +104,7 @@ def expand(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.ran
     top = int(rng.uniform(0, height * ratio - height))
     canvas = np.empty((int(height * ratio), int(width * ratio), depth), dtype=image.dtype)
     canvas[...] = np.asarray(fill, dtype=image.dtype)
-    canvas[top:top + height, left:left + width] = image
+    canvas[top : top + height, left : left + width] = image
     shifted = boxes + np.array([left, top, left, top], dtype=boxes.dtype)
     return canvas, shifted, labels
 
@@ -124,15 +120,26 @@ def _iou_with(boxes: np.ndarray, rect: np.ndarray) -> np.ndarray:
     return iou
 
 
-def random_sample_crop(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                       modes: Sequence[tuple[float, float] | None] = SAMPLE_CROP_MODES, trials: int = 50,
-                       rounds: int = 20) -> Sample:
+def random_sample_crop(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    modes: Sequence[tuple[float, float] | None] = SAMPLE_CROP_MODES,
+    trials: int = 50,
+    rounds: int = 20,
+) -> Sample:
     """Zoom in (SSD paper section 2.2, "Data augmentation"): pick a mode; None keeps the image;
     otherwise try up to ``trials`` patches with sides in [0.3, 1] of the image's and aspect h/w in
     [0.5, 2], accept the first one that some box overlaps with min_iou <= IoU <= max_iou and that
     holds at least one box centre. Boxes whose centre falls outside the patch are dropped, the rest
     are clipped to it. After ``trials`` failures another mode is picked; after ``rounds`` modes the
-    sample is returned unchanged (amdegroot loops forever)."""
+    sample is returned unchanged (amdegroot loops forever).
+
+    The overlap test is the paper's (Caffe's): SOME box within [min_iou, max_iou]. amdegroot's
+    ``overlap.min() < min_iou and max_iou < overlap.max()`` almost never rejects, so its "min IoU
+    0.7" patches are any patch. The mode is drawn by index: ``np.random.choice`` on the ragged
+    tuple of modes fails on NumPy >= 1.24."""
     height, width = image.shape[:2]
     if len(boxes) == 0:
         return image, boxes, labels
@@ -162,12 +169,13 @@ def random_sample_crop(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
             kept[:, :2] = np.maximum(kept[:, :2], rect[:2])
             kept[:, 2:] = np.minimum(kept[:, 2:], rect[2:])
             kept -= np.tile(rect[:2], 2).astype(kept.dtype)
-            return image[rect[1]:rect[3], rect[0]:rect[2]].copy(), kept, labels[inside]
+            return image[rect[1] : rect[3], rect[0] : rect[2]].copy(), kept, labels[inside]
     return image, boxes, labels
 
 
-def mirror(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-           p: float = 0.5) -> Sample:
+def mirror(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator, p: float = 0.5
+) -> Sample:
     """Horizontal flip (p 0.5): x -> W - x, so [x1, x2] becomes [W - x2, W - x1]."""
     if rng.random() >= p:
         return image, boxes, labels
@@ -178,8 +186,13 @@ def mirror(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.ran
     return image[:, ::-1].copy(), flipped, labels
 
 
-def ssd_train_augment(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                      fill: Sequence[float] = SSD_PIXEL_MEAN_RGB) -> Sample:
+def ssd_train_augment(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    fill: Sequence[float] = SSD_PIXEL_MEAN_RGB,
+) -> Sample:
     """The book's training pipeline up to (not including) the resize: photometric distortion,
     expand, random sample crop, mirror. Boxes stay in pixels of the returned image."""
     image, boxes, labels = photometric_distort(image, boxes, labels, rng)

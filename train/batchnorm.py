@@ -1,13 +1,9 @@
 """Train an SSD with BatchNorm after every base and extra conv, then fold it away.
 
-An SSD without normalisation trains slowly from random weights (the SSD paper starts from
-ImageNet VGG; DSOD, Shen et al. 2017, trains from scratch with BatchNorm). ``add_batchnorm``
-wraps each conv of ``net.vgg`` and ``net.extras`` in a :class:`ConvBN` (conv, then BatchNorm2d;
-the ReLU that follows is unchanged), keeping the module indices. ``fold_batchnorm`` returns a copy
-in which each ConvBN is replaced by ONE conv with the BatchNorm (eval mode, running statistics)
-folded in: ``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``. The result
-is the plain SSD (the book's keys and shapes), so the service loads it as any other, and its
-outputs equal the BatchNorm network's in eval mode (up to float rounding).
+An SSD without normalisation learns slowly from random weights (DSOD, Shen et al. 2017, trains
+from scratch with BatchNorm). :func:`add_batchnorm` wraps each conv in a :class:`ConvBN`;
+:func:`fold_batchnorm` folds each back into one conv, giving the plain SSD (the book's keys and
+shapes) that the service loads as any other, with the same outputs in eval mode.
 """
 
 from __future__ import annotations

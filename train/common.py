@@ -1,13 +1,12 @@
-"""What both training commands share: seeding, device, progress bars, the resume file, messages."""
+"""Small helpers both training commands use: messages, seeding, the device, progress bars, and the
+plain forms of widths, configs and state_dicts that files and messages carry."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,23 +14,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.predictors import resolve_device
+
 __all__ = [
-    "TRAIN_STATE",
-    "load_train_state",
     "plain_config",
     "progress",
-    "resolve_device",
     "save_state_dict",
-    "save_train_state",
     "say",
     "seed_everything",
+    "training_device",
     "warn",
     "width_label",
-    "write_history",
 ]
-
-#: The resume file in a run's output folder: model + optimizer state, epoch, history (not served).
-TRAIN_STATE = "train_state.pth"
 
 T = TypeVar("T")
 
@@ -53,47 +47,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
+def training_device(name: str) -> torch.device:
+    """``auto`` (cuda when available, else cpu), else the service's own ``cpu``, ``cuda`` or
+    ``cuda:N`` (``models.ModelConfigError`` when that device is not there)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {name}: CUDA is not available here; use --device cpu")
-    return device
+    return resolve_device(name)
 
 
 def progress(items: Iterable[T], enabled: bool, desc: str, total: int | None = None) -> tqdm[T]:
     """A tqdm bar over ``items`` on stderr; with ``enabled`` false, tqdm's silent pass-through (its
     ``set_postfix_str`` still works, as a no-op)."""
-    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr,
-                disable=not enabled)
-
-
-def save_train_state(out: Path, state: Mapping[str, Any]) -> Path:
-    """Write the resume file atomically (tensors and plain data only, so ``weights_only`` reads it)."""
-    path = out / TRAIN_STATE
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(state), tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_train_state(path: Path, command: str) -> dict[str, Any]:
-    """The resume file at ``path`` (a run folder or the file itself), checked to come from ``command``."""
-    if path.is_dir():
-        path = path / TRAIN_STATE
-    if not path.is_file():
-        raise SystemExit(f"error: --resume {path}: no such file; give a run folder holding {TRAIN_STATE}")
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("command") != command:
-        raise SystemExit(f"error: --resume {path} comes from `{state.get('command')}`, not `{command}`")
-    return state
-
-
-def write_history(out: Path, history: list[dict[str, Any]]) -> None:
-    """``history.json``: one entry per epoch (losses, accuracy or mAP, seconds)."""
-    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    return tqdm(
+        items, desc=desc, total=total, leave=False, dynamic_ncols=True, file=sys.stderr, disable=not enabled
+    )
 
 
 def width_label(width: float) -> str:

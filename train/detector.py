@@ -1,82 +1,51 @@
 """``python -m train detector``: SSD300 / SSD512 training on a PASCAL VOC folder (book-ssd.md 2.9).
 
-- data: ``DATA/Annotations/<id>.xml``, ``DATA/JPEGImages/<id>.jpg``,
-  ``DATA/ImageSets/Main/{train,val}.txt``; objects marked ``difficult`` are left out (the book's
-  ``Anno_xml2list``); boxes become ``(coord - 1) / size`` as the book reads them. Class names come
-  from ``--labels FILE`` (one a line), else ``DATA/labels.txt``, else the 20 VOC classes;
-- training images: photometric distortion, expand, random sample crop, mirror (``train.augment``),
-  then the service's own ``models.preprocess.SSDTransform`` (resize to 300 or 512, minus the pixel
-  mean); validation images: ``SSDTransform`` only;
-- network: ``models.ssd.SSD`` at ``--width``; the VGG base from ``--base`` (``vgg16_reducedfc.pth``
-  layout, keys ``0.weight`` .. ``33.bias``) when given, else random; extras and heads get He-normal
-  weights and zero biases (the book's init);
-- ``--batchnorm``: train with BatchNorm after every base and extra conv (``train.batchnorm``), which
-  a from-scratch base needs to learn in reasonable time; it is folded into the convs whenever a
-  checkpoint is written, so the files are the plain SSD;
-- loss: ``train.multibox.MultiBoxLoss`` (IoU 0.5 matching, 3:1 hard negatives, smooth L1 +
-  cross-entropy over the number of positives); SGD lr 1e-3, momentum 0.9, weight decay 5e-4,
-  ``clip_grad_value_`` 2.0 (the book's); optional linear warm-up and step decay;
-- validation every ``--val-every`` epochs and after the last: the loss, and mAP through torchmetrics
-  (``MeanAveragePrecision``, COCO evaluation: ``map_50`` = mAP at IoU 0.5, ``map`` = AP@[.5:.95])
-  on the service's own post-processing (``models.detect.postprocess``, book semantics, boxes in
-  pixels of the original image);
-- output folder: ``best.pth`` (highest mAP@0.5) and ``last.pth`` in the project format the service
-  loads as they are, ``train_state.pth`` for ``--resume``, ``history.json``; ``--state-dict`` also
-  writes the book's plain state_dict (``format = "ssd.pytorch"``).
+The book's chapter 2 as a command: its augmentations, ``MultiBoxLoss``, SGD with gradient
+clipping, and a VGG base from ``vgg16_reducedfc.pth``, from a trained VGG16 classifier or random
+(then ``--batchnorm`` helps, folded into the convs in every file written). Validation runs the
+service's own post-processing and scores it with the ``--metric`` of ``python -m train evaluate``.
 """
 
 from __future__ import annotations
 
-import math
 import time
-import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
 
 from models.anchors import default_boxes
-from models.checkpoints import detect_layout, read_checkpoint, save_project_checkpoint, unwrap_state_dict
+from models.checkpoints import detect_layout, read_checkpoint, unwrap_state_dict
 from models.detect import BOOK_POSTPROCESS, postprocess
-from models.labels import VOC_CLASSES
-from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, SSD_PIXEL_MEAN_RGB, SSDTransform
+from models.preprocess import IMAGENET_MEAN, IMAGENET_STD, SSD_PIXEL_MEAN_RGB
 from models.ssd import SSD, SSD300_VOC, SSD512_VOC
-from models.types import DetectParams
-from train.augment import ssd_train_augment
+from train import loop
 from train.batchnorm import ConvBN, add_batchnorm, fold_batchnorm, has_batchnorm
-from train.common import (
-    load_train_state,
-    plain_config,
-    progress,
-    resolve_device,
-    save_state_dict,
-    save_train_state,
-    say,
-    seed_everything,
-    warn,
-    width_label,
-    write_history,
-)
-from train.evaluate import DetectionMAP
+from train.common import plain_config, say, seed_everything, training_device, warn, width_label
+from train.errors import TrainError
+from train.metrics import DETECTION_PARAMS, METRIC_TITLES, DetectionResults, Metric
 from train.multibox import MultiBoxLoss
+from train.voc import VOCDetection, collate, read_labels
 
 __all__ = [
-    "Annotation",
     "DetectorConfig",
-    "VOCDetection",
     "base_from_classifier",
     "build_detector",
-    "collate",
+    "describe_run",
+    "detector_step",
     "evaluate_detector",
-    "read_annotation",
-    "read_labels",
+    "load_splits",
+    "lr_factor",
+    "optimization",
     "train_detector",
+    "train_one_epoch",
+    "training_network",
+    "validate",
 ]
 
 COMMAND = "python -m train detector"
@@ -104,6 +73,7 @@ class DetectorConfig:
     warmup_iters: int = 0
     lr_steps: tuple[int, ...] = ()  # epochs after which lr is multiplied by 0.1
     val_every: int = 10
+    metric: Metric = "voc07"  # what validation reports and best.pth is chosen by
     base: Path | None = None
     base_classifier: Path | None = None  # conv1_1 .. conv5_3 from a trained VGG16 classifier
     labels: Path | None = None
@@ -118,115 +88,6 @@ class DetectorConfig:
     val_split: str = "val"
 
 
-# ----------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One image's objects: ``boxes`` float32[N, 4] [x1, y1, x2, y2] in pixels ((coord - 1), as the
-    book), ``labels`` int64[N] 0-based without background, difficult objects left out."""
-
-    image_id: str
-    width: int
-    height: int
-    boxes: np.ndarray
-    labels: np.ndarray
-
-
-def read_labels(data: Path, labels_file: Path | None) -> list[str]:
-    """``labels_file``, else ``data/labels.txt``, else the 20 VOC classes (the book's order)."""
-    path = labels_file or (data / "labels.txt")
-    if labels_file is not None or path.is_file():
-        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not names:
-            raise SystemExit(f"error: {path} lists no class names")
-        return names
-    return list(VOC_CLASSES)
-
-
-def read_annotation(path: Path, labels: Sequence[str], keep_difficult: bool = False) -> Annotation:
-    """Parse one VOC XML file (the book's ``Anno_xml2list``, without the normalisation)."""
-    try:
-        root = ET.parse(path).getroot()
-        width = int(root.findtext("size/width", ""))
-        height = int(root.findtext("size/height", ""))
-    except (ET.ParseError, ValueError) as e:
-        raise SystemExit(f"error: {path}: not a VOC annotation with size/width and size/height ({e})"
-                         ) from None
-    boxes, classes = [], []
-    for obj in root.iter("object"):
-        if not keep_difficult and int(obj.findtext("difficult", "0") or 0) == 1:
-            continue
-        name = (obj.findtext("name") or "").lower().strip()
-        if name not in labels:
-            raise SystemExit(f"error: {path}: class {name!r} is not in the labels ({', '.join(labels)}); "
-                             "give --labels FILE with every class name")
-        box = obj.find("bndbox")
-        if box is None:
-            raise SystemExit(f"error: {path}: an object without bndbox")
-        x1, y1, x2, y2 = (float(box.findtext(tag, "nan")) - 1 for tag in ("xmin", "ymin", "xmax", "ymax"))
-        if not (x2 > x1 and y2 > y1):
-            continue  # a degenerate box cannot be encoded (log of zero size)
-        boxes.append((x1, y1, x2, y2))
-        classes.append(labels.index(name))
-    return Annotation(path.stem, width, height, np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-                      np.asarray(classes, dtype=np.int64))
-
-
-class VOCDetection(Dataset[tuple[Tensor, Tensor, tuple[int, int]]]):
-    """A VOC split: item i -> (image FloatTensor[3, S, S] from ``SSDTransform``, target
-    FloatTensor[N, 5] of [x1, y1, x2, y2, label] normalised, (width, height) of the original).
-
-    With ``augment``, training images go through ``ssd_train_augment`` with a generator seeded by
-    (seed, epoch, index), so runs repeat whatever the number of loader workers; call
-    :meth:`set_epoch` before each epoch. Training splits drop images with no usable object.
-    """
-
-    def __init__(self, root: Path, split: str, labels: Sequence[str], size: int, augment: bool = False,
-                 seed: int = 0, drop_empty: bool = False) -> None:
-        ids_file = root / "ImageSets" / "Main" / f"{split}.txt"
-        if not ids_file.is_file():
-            raise SystemExit(f"error: {ids_file} is not there; expected a VOC folder "
-                             "(Annotations/, JPEGImages/, ImageSets/Main/{train,val}.txt)")
-        ids = [line.split()[0] for line in ids_file.read_text().splitlines() if line.strip()]
-        self.root = root
-        self.annotations = [read_annotation(root / "Annotations" / f"{i}.xml", labels) for i in ids]
-        if drop_empty:
-            self.annotations = [a for a in self.annotations if len(a.boxes) > 0]
-        self.dropped = len(ids) - len(self.annotations)
-        self.transform = SSDTransform(size)
-        self.augment = augment
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.annotations)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, tuple[int, int]]:
-        ann = self.annotations[index]
-        with Image.open(self.root / "JPEGImages" / f"{ann.image_id}.jpg") as file:
-            image = file.convert("RGB")
-        original = image.size
-        boxes, labels = ann.boxes, ann.labels
-        if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            pixels, boxes, labels = ssd_train_augment(np.asarray(image, dtype=np.float32), boxes, labels, rng)
-            image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
-        scale = np.array(image.size * 2, dtype=np.float32)  # (W, H, W, H)
-        target = np.concatenate((boxes / scale, labels[:, None].astype(np.float32)), axis=1)
-        return self.transform(image), torch.from_numpy(target.astype(np.float32)), original
-
-
-def collate(batch: Sequence[tuple[Tensor, Tensor, tuple[int, int]]],
-            ) -> tuple[Tensor, list[Tensor], list[tuple[int, int]]]:
-    """The book's ``od_collate_fn``: stacked images, a list of per-image targets (and sizes)."""
-    images, targets, sizes = zip(*batch, strict=True)
-    return torch.stack(images), list(targets), list(sizes)
-
-
 # ----------------------------------------------------------------------------------------- model
 
 
@@ -239,8 +100,9 @@ def _he_init(modules: Sequence[nn.Module]) -> None:
                     nn.init.zeros_(m.bias)
 
 
-def build_detector(arch: str, num_classes: int, width: float = 1.0, base: Path | None = None,
-                   quiet: bool = False) -> SSD:
+def build_detector(
+    arch: str, num_classes: int, width: float = 1.0, base: Path | None = None, quiet: bool = False
+) -> SSD:
     """An SSD for ``num_classes`` (background included) at ``width``.
 
     ``base``: a ``vgg16_reducedfc.pth``-layout file (keys ``0.weight`` .. ``33.bias``, the SSD's VGG
@@ -248,13 +110,15 @@ def build_detector(arch: str, num_classes: int, width: float = 1.0, base: Path |
     conv scaled for 0-255 inputs, and a warning says the base trains from scratch.
     """
     if arch not in _CONFIGS:
-        raise SystemExit(f"error: --arch {arch!r}: use ssd300 or ssd512")
+        raise TrainError(f"--arch {arch!r}: use ssd300 or ssd512")
     net = SSD(num_classes, _CONFIGS[arch], width)
     _he_init([net.extras, net.loc, net.conf])
     if base is None:
         if not quiet:
-            warn("no --base (vgg16_reducedfc.pth): the VGG base trains from random weights; expect a much "
-                 "longer run than the book's 50 epochs from ImageNet features (--batchnorm helps)")
+            warn(
+                "no --base (vgg16_reducedfc.pth): the VGG base trains from random weights; expect a much "
+                "longer run than the book's 50 epochs from ImageNet features (--batchnorm helps)"
+            )
         _he_init([net.vgg])
         first = net.vgg[0]
         assert isinstance(first, nn.Conv2d)
@@ -263,14 +127,18 @@ def build_detector(arch: str, num_classes: int, width: float = 1.0, base: Path |
         return net
     obj, _ = read_checkpoint(base)
     if detect_layout(obj) not in ("ssd-vgg-base", "unknown"):
-        raise SystemExit(f"error: --base {base} is a {detect_layout(obj)} checkpoint, not the SSD's VGG base "
-                         "(vgg16_reducedfc.pth: keys 0.weight .. 33.bias)")
+        raise TrainError(
+            f"--base {base} is a {detect_layout(obj)} checkpoint, not the SSD's VGG base "
+            "(vgg16_reducedfc.pth: keys 0.weight .. 33.bias)"
+        )
     state = unwrap_state_dict(obj, base)
     try:
         net.vgg.load_state_dict(state)
     except RuntimeError as e:
-        raise SystemExit(f"error: --base {base} does not fit the VGG base of an {arch} at width {width:g}: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise TrainError(
+            f"--base {base} does not fit the VGG base of an {arch} at width {width:g}: "
+            f"{str(e).splitlines()[0]}"
+        ) from None
     return net
 
 
@@ -287,21 +155,28 @@ def base_from_classifier(net: SSD, path: Path) -> str:
     obj, _ = read_checkpoint(path)
     layout = detect_layout(obj)
     if layout not in ("project", "vgg", "vgg_bn"):
-        raise SystemExit(f"error: --base-classifier {path} is not a VGG16 classifier ({layout} checkpoint)")
+        raise TrainError(f"--base-classifier {path} is not a VGG16 classifier ({layout} checkpoint)")
     arch = str(obj["arch"]) if layout == "project" else ("vgg16_bn" if layout == "vgg_bn" else "vgg16")
     if not arch.startswith("vgg"):
-        raise SystemExit(f"error: --base-classifier {path} holds a {arch}, not a VGG16 classifier")
+        raise TrainError(f"--base-classifier {path} holds a {arch}, not a VGG16 classifier")
     state = unwrap_state_dict(obj, path)
-    convs = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".weight")
-                    and state[k].dim() == 4})
+    convs = sorted(
+        {
+            int(k.split(".")[1])
+            for k in state
+            if k.startswith("features.") and k.endswith(".weight") and state[k].dim() == 4
+        }
+    )
     if len(convs) != 13:
-        raise SystemExit(f"error: --base-classifier {path} has {len(convs)} conv layers, not VGG16's 13")
+        raise TrainError(f"--base-classifier {path} has {len(convs)} conv layers, not VGG16's 13")
     targets = [m for m in net.vgg if isinstance(m, nn.Conv2d | ConvBN)][:13]
     first = state[f"features.{convs[0]}.weight"]
     expected = targets[0].conv.out_channels if isinstance(targets[0], ConvBN) else targets[0].out_channels
     if first.shape[0] != expected:
-        raise SystemExit(f"error: --base-classifier {path} is {first.shape[0] / 64:g} wide, the SSD "
-                         f"{net.width:g}; give --width {first.shape[0] / 64:g}")
+        raise TrainError(
+            f"--base-classifier {path} is {first.shape[0] / 64:g} wide, the SSD "
+            f"{net.width:g}; give --width {first.shape[0] / 64:g}"
+        )
     mean = torch.tensor(IMAGENET_MEAN)
     std = torch.tensor(IMAGENET_STD)
     pixel_mean = torch.tensor(SSD_PIXEL_MEAN_RGB)
@@ -314,8 +189,11 @@ def base_from_classifier(net: SSD, path: Path) -> str:
                 bias += (weight.sum(dim=(2, 3)) * shift).sum(dim=1)
                 weight /= (255 * std)[None, :, None, None]
             bn_prefix = f"features.{index + 1}."
-            bn = {name: state[bn_prefix + name] for name in ("weight", "bias", "running_mean", "running_var")
-                  if bn_prefix + name in state}
+            bn = {
+                name: state[bn_prefix + name]
+                for name in ("weight", "bias", "running_mean", "running_var")
+                if bn_prefix + name in state
+            }
             conv = target.conv if isinstance(target, ConvBN) else target
             if len(bn) == 4 and isinstance(target, ConvBN):
                 for name, value in bn.items():
@@ -330,175 +208,266 @@ def base_from_classifier(net: SSD, path: Path) -> str:
     return f"conv1_1..conv5_3 from {arch} {path.name}"
 
 
-# ----------------------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------------------- steps
 
 
-@torch.no_grad()
-def evaluate_detector(model: SSD, loader: DataLoader[Any], criterion: MultiBoxLoss, device: torch.device,
-                      show: bool = False, desc: str = "val") -> dict[str, Any]:
-    """Validation loss and mAP of ``model`` over ``loader`` (no augmentation), with the service's
-    post-processing (book semantics, score >= 0.01, up to 100 detections per image)."""
-    model.eval()
-    metric = DetectionMAP()
+def detector_step(
+    model: SSD,
+    criterion: MultiBoxLoss,
+    device: torch.device,
+    results: DetectionResults | None = None,
+    dataset: VOCDetection | None = None,
+) -> loop.Step:
+    """The step :func:`train.loop.run_epoch` takes: ``MultiBoxLoss`` of a batch (images, targets,
+    sizes), reported as ``loss_loc`` and ``loss_conf`` too. With ``results``, the batch's detections
+    (``DETECTION_PARAMS``, the service's post-processing in pixels of the original images) go into
+    it, matched in order to ``dataset.truths`` (so the loader must not shuffle)."""
     priors = default_boxes(model.config).to(device)
-    params = DetectParams(score_threshold=0.01, iou_threshold=None, max_detections=100)
-    loss_sum, seen = 0.0, 0
-    for images, targets, sizes in progress(loader, show, desc):
+
+    def step(
+        batch: tuple[Tensor, list[Tensor], list[tuple[int, int]]],
+    ) -> tuple[Tensor, int, dict[str, float]]:
+        images, targets, sizes = batch
         loc, conf = model(images.to(device))
         loss_l, loss_c = criterion(loc, conf, targets)
-        loss_sum += float((loss_l + loss_c).item()) * images.shape[0]
-        seen += images.shape[0]
-        outputs = postprocess(loc, conf, priors, sizes, [params] * len(sizes), BOOK_POSTPROCESS, 1,
-                              model.config.variances)
-        for output, target, (width, height) in zip(outputs, targets, sizes, strict=True):
-            truth = target[:, :4] * torch.tensor([width, height, width, height], dtype=torch.float32)
-            metric.add(output.boxes, output.scores, output.class_ids, truth, target[:, 4].long())
-    result = metric.compute()
-    result["val_loss"] = loss_sum / max(seen, 1)
-    return result
+        if results is not None and dataset is not None:
+            params = [DETECTION_PARAMS] * len(sizes)
+            found = postprocess(loc, conf, priors, sizes, params, BOOK_POSTPROCESS, 1, model.config.variances)
+            for output in found:
+                results.add(output, dataset.truths[len(results.found)])
+        parts = {"loss_loc": float(loss_l.item()), "loss_conf": float(loss_c.item())}
+        return loss_l + loss_c, images.shape[0], parts
+
+    return step
 
 
-# ----------------------------------------------------------------------------------------- training
+def evaluate_detector(
+    model: SSD,
+    loader: DataLoader[Any],
+    criterion: MultiBoxLoss,
+    device: torch.device,
+    labels: Sequence[str],
+    show: bool = False,
+    desc: str = "val",
+) -> tuple[dict[str, float], DetectionResults]:
+    """Validation losses of ``model`` over ``loader`` (an unshuffled :class:`VOCDetection`, no
+    augmentation) and its detections against the split's annotations, to be scored by a metric."""
+    dataset = loader.dataset
+    if not isinstance(dataset, VOCDetection):
+        raise TypeError(f"evaluate_detector needs a loader over a VOCDetection, not {type(dataset).__name__}")
+    results = DetectionResults(labels)
+    step = detector_step(model, criterion, device, results, dataset)
+    return loop.run_epoch(model, loader, step, show=show, desc=desc), results
 
 
-def _lr_at(cfg: DetectorConfig, epoch: int, iteration: int) -> float:
-    """``cfg.lr`` times the step decay for ``epoch`` (1-based) times the warm-up ramp."""
-    lr = cfg.lr * 0.1 ** sum(epoch > step for step in cfg.lr_steps)
-    if cfg.warmup_iters > 0 and iteration < cfg.warmup_iters:
-        lr *= (iteration + 1) / cfg.warmup_iters
-    return lr
+def lr_factor(cfg: DetectorConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate of step k (0-based, one a batch) as a multiple of ``cfg.lr``: 0.1 for each
+    of ``cfg.lr_steps`` that the step's epoch is past, times the linear warm-up
+    (k + 1) / ``warmup_iters`` over the first ``warmup_iters`` steps."""
+
+    def factor(step: int) -> float:
+        epoch = step // steps_per_epoch + 1
+        warm = (step + 1) / cfg.warmup_iters if step < cfg.warmup_iters else 1.0
+        return float(0.1 ** sum(epoch > s for s in cfg.lr_steps) * warm)
+
+    return factor
 
 
-def _save(cfg: DetectorConfig, model: SSD, name: str, labels: Sequence[str],
-          metadata: dict[str, Any]) -> Path:
-    if has_batchnorm(model):
-        model = fold_batchnorm(model)
-    path = save_project_checkpoint(
-        cfg.out / f"{name}.pth", model, task="detect", arch=cfg.arch, labels=labels,
-        preprocess={"kind": "ssd", "size": model.config.input_size}, postprocess={"semantics": "book"},
-        metadata=metadata)
-    if cfg.state_dict:  # the book's torch.save(net.state_dict(), 'weights/ssd300_N.pth')
-        save_state_dict(model, cfg.out / f"{name}_state_dict.pth")
-    return path
+# ----------------------------------------------------------------------------------------- the command
 
 
-def train_detector(cfg: DetectorConfig) -> dict[str, Any]:
-    """Run the whole command; returns a summary (best / last paths, best mAP@0.5, history)."""
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    labels = read_labels(cfg.data, cfg.labels)
-    size = _CONFIGS[cfg.arch].input_size if cfg.arch in _CONFIGS else 300
+def load_splits(cfg: DetectorConfig, labels: Sequence[str]) -> tuple[VOCDetection, VOCDetection]:
+    """The training split (augmented unless ``--no-augment``, images without a usable object left
+    out) and the validation split of ``cfg.data``."""
+    size = _CONFIGS[cfg.arch].input_size
     train_set = VOCDetection(cfg.data, cfg.train_split, labels, size, cfg.augment, cfg.seed, drop_empty=True)
     val_set = VOCDetection(cfg.data, cfg.val_split, labels, size)
     if len(train_set) == 0:
-        raise SystemExit(f"error: {cfg.data}: the {cfg.train_split} split has no image with a usable object")
+        raise TrainError(f"{cfg.data}: the {cfg.train_split} split has no image with a usable object")
+    if len(val_set) == 0:
+        raise TrainError(f"{cfg.data}: the {cfg.val_split} split lists no image to validate on")
     dropped = f" ({train_set.dropped} without usable objects left out)" if train_set.dropped else ""
     say(f"{cfg.data}: {len(train_set)} train{dropped} / {len(val_set)} val images, {len(labels)} classes")
+    return train_set, val_set
+
+
+def training_network(cfg: DetectorConfig, num_labels: int) -> tuple[SSD, str]:
+    """The SSD to train (with BatchNorm for ``--batchnorm``) and where its base came from."""
     if cfg.base is not None and cfg.base_classifier is not None:
-        raise SystemExit("error: give --base or --base-classifier, not both")
-    model = build_detector(cfg.arch, len(labels) + 1, cfg.width, cfg.base,
-                           quiet=cfg.base_classifier is not None)
+        raise TrainError("give --base or --base-classifier, not both")
+    model = build_detector(
+        cfg.arch, num_labels + 1, cfg.width, cfg.base, quiet=cfg.base_classifier is not None
+    )
     if cfg.batchnorm:
         model = add_batchnorm(model)
-    base = str(cfg.base or "random")
     if cfg.base_classifier is not None:
-        base = base_from_classifier(model, cfg.base_classifier)
+        return model, base_from_classifier(model, cfg.base_classifier)
+    return model, str(cfg.base or "random")
+
+
+def validate(
+    cfg: DetectorConfig,
+    model: SSD,
+    loader: DataLoader[Any],
+    criterion: MultiBoxLoss,
+    device: torch.device,
+    labels: Sequence[str],
+    epoch: int,
+) -> dict[str, Any]:
+    """Validation losses and ``cfg.metric`` as history entries (``map``, ``ap_per_class``, ...)."""
+    losses, results = evaluate_detector(
+        model, loader, criterion, device, labels, cfg.progress, f"epoch {epoch} val"
+    )
+    score = results.score(cfg.metric)
+    return {
+        **loop.prefixed("val", losses),
+        "metric": score.metric,
+        "map": score.map,
+        "ap_per_class": score.per_class,
+        **score.extra,
+    }
+
+
+def optimization(cfg: DetectorConfig, model: SSD, steps_per_epoch: int) -> tuple[torch.optim.SGD, LambdaLR]:
+    """SGD with momentum and weight decay, and its learning-rate schedule (:func:`lr_factor`,
+    one scheduler step per batch)."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    return optimizer, LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
+
+
+def describe_run(
+    cfg: DetectorConfig, model: SSD, labels: Sequence[str], base: str
+) -> tuple[loop.CheckpointFormat, dict[str, Any]]:
+    """What the checkpoints say besides the weights: their format, and the metadata of every epoch."""
+    form = loop.CheckpointFormat(
+        task="detect",
+        arch=cfg.arch,
+        labels=labels,
+        preprocess={"kind": "ssd", "size": model.config.input_size},
+        postprocess={"semantics": "book"},
+        state_dict=cfg.state_dict,
+    )
+    batchnorm = "trained with BatchNorm after each base and extra conv, folded into the convs"
+    about = {
+        "trainer": COMMAND,
+        "variant": f"{cfg.arch.upper()} width {width_label(cfg.width)}",
+        "width": cfg.width,
+        "base": base,
+        "data": str(cfg.data),
+        "seed": cfg.seed,
+        "augment": cfg.augment,
+        "batchnorm": batchnorm if cfg.batchnorm else "none",
+    }
+    return form, about
+
+
+def train_one_epoch(
+    cfg: DetectorConfig,
+    epoch: int,
+    model: SSD,
+    loader: DataLoader[Any],
+    step: loop.Step,
+    optimizer: torch.optim.SGD,
+    scheduler: LambdaLR,
+) -> dict[str, Any]:
+    """One training pass as a history entry: the losses and the last step's learning rate."""
+    dataset = loader.dataset
+    if isinstance(dataset, VOCDetection):
+        dataset.set_epoch(epoch)  # the augmentation's generator is seeded by (seed, epoch, index)
+    desc, hint = f"epoch {epoch} train", "lower --lr or add --warmup-iters"
+    losses = loop.run_epoch(
+        model,
+        loader,
+        step,
+        optimizer,
+        scheduler=scheduler,
+        clip=cfg.clip,
+        show=cfg.progress,
+        desc=desc,
+        diverged=hint,
+    )
+    last_lr = cfg.lr * lr_factor(cfg, len(loader))(scheduler.last_epoch - 1)  # the last step's
+    return {"epoch": epoch, **loop.prefixed("train", losses), "lr": last_lr}
+
+
+def train_detector(cfg: DetectorConfig) -> dict[str, Any]:
+    """Run the whole command; returns a summary (best / last paths, the best score, history).
+
+    Writes ``best.pth`` (best validation ``cfg.metric``) and ``last.pth`` in the project format the
+    service loads as they are, ``train_state.pth`` for ``--resume`` and ``history.json``;
+    ``--state-dict`` also writes the book's plain state_dict (``format = "ssd.pytorch"``).
+    """
+    seed_everything(cfg.seed)
+    device = training_device(cfg.device)
+    labels = read_labels(cfg.data, cfg.labels)
+    if cfg.arch not in _CONFIGS:
+        raise TrainError(f"--arch {cfg.arch!r}: use ssd300 or ssd512")
+    train_set, val_set = load_splits(cfg, labels)
+    model, base = training_network(cfg, len(labels))
     model = model.to(device)
     criterion = MultiBoxLoss(default_boxes(model.config)).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    loader_args: dict[str, Any] = {"batch_size": cfg.batch_size, "num_workers": cfg.workers,
-                                   "collate_fn": collate, "persistent_workers": False,
-                                   "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                              **loader_args)
-    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-
+    drop_last = len(train_set) > cfg.batch_size
+    train_loader = loop.make_loader(
+        train_set,
+        cfg.batch_size,
+        cfg.workers,
+        device,
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=drop_last,
+        collate_fn=collate,
+    )
+    val_loader = loop.make_loader(val_set, cfg.batch_size, cfg.workers, device, collate_fn=collate)
+    optimizer, scheduler = optimization(cfg, model, len(train_loader))
+    flags = {"--arch": cfg.arch, "--width": cfg.width, "--batchnorm": cfg.batchnorm, "labels": labels}
+    run = loop.RunState(COMMAND, flags, plain_config(cfg), model, optimizer, train_loader, scheduler)
     history: list[dict[str, Any]] = []
-    start_epoch, best_map, iteration = 1, -1.0, 0
+    start_epoch, best_map = 1, -1.0
     if cfg.resume is not None:
-        state = load_train_state(cfg.resume, COMMAND)
-        if state["labels"] != labels or state["arch"] != cfg.arch or state["width"] != cfg.width:
-            raise SystemExit(f"error: --resume {cfg.resume}: it trained {state['arch']} width "
-                             f"{state['width']} on {state['labels']}; this run is {cfg.arch} width "
-                             f"{cfg.width} on {labels}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-        best_map, iteration = float(state["best_map"]), int(state["iteration"])
+        saved = run.restore(cfg.resume)
+        start_epoch, history = int(saved["epoch"]) + 1, list(saved["history"])
+        best_map, base = float(saved["best_map"]), str(saved["base"])
         say(f"resuming after epoch {start_epoch - 1} from {cfg.resume}")
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    variant = f"{cfg.arch.upper()} width {width_label(cfg.width)}"
-    say(f"{variant}{' (+BatchNorm while training)' if cfg.batchnorm else ''}, base {base}, "
-        f"on {device}; {cfg.epochs} epochs, "
-        f"validation every {cfg.val_every} and after the last")
 
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    form, about = describe_run(cfg, model, labels, base)
+    title = METRIC_TITLES[cfg.metric]
+    batchnorm = " (+BatchNorm while training)" if cfg.batchnorm else ""
+    say(
+        f"{about['variant']}{batchnorm}, base {base}, on {device}; "
+        f"{cfg.epochs} epochs, validation ({title}) every {cfg.val_every} and after the last"
+    )
+    step = detector_step(model, criterion, device)
     for epoch in range(start_epoch, cfg.epochs + 1):
         started = time.perf_counter()
-        model.train()
-        train_set.set_epoch(epoch)
-        loss_sums = {"loc": 0.0, "conf": 0.0}
-        seen = 0
-        bar = progress(train_loader, cfg.progress, f"epoch {epoch} train")
-        for images, targets, _ in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(cfg, epoch, iteration)
-            loc, conf = model(images.to(device))
-            loss_l, loss_c = criterion(loc, conf, targets)
-            loss = loss_l + loss_c
-            if not math.isfinite(loss.item()):
-                raise SystemExit(f"error: the loss became {loss.item()} in epoch {epoch} "
-                                 f"(iteration {iteration}); lower --lr or add --warmup-iters")
-            optimizer.zero_grad()
-            loss.backward()
-            if cfg.clip is not None:
-                nn.utils.clip_grad_value_(model.parameters(), cfg.clip)
-            optimizer.step()
-            loss_sums["loc"] += float(loss_l.item()) * images.shape[0]
-            loss_sums["conf"] += float(loss_c.item()) * images.shape[0]
-            seen += images.shape[0]
-            iteration += 1
-            bar.set_postfix_str(f"loss {(loss_sums['loc'] + loss_sums['conf']) / seen:.3f}", refresh=False)
-        record: dict[str, Any] = {
-            "epoch": epoch, "train_loss": (loss_sums["loc"] + loss_sums["conf"]) / seen,
-            "train_loss_loc": loss_sums["loc"] / seen, "train_loss_conf": loss_sums["conf"] / seen,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        line = (f"epoch {epoch}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
-                f"(loc {record['train_loss_loc']:.4f}, conf {record['train_loss_conf']:.4f})")
-        validate = epoch % cfg.val_every == 0 or epoch == cfg.epochs
-        metadata: dict[str, Any] = {
-            "trainer": COMMAND, "variant": variant, "width": cfg.width, "base": base,
-            "data": str(cfg.data), "epoch": epoch, "seed": cfg.seed, "augment": cfg.augment,
-            "batchnorm": "trained with BatchNorm after each base and extra conv, folded into the convs"
-            if cfg.batchnorm else "none",
-        }
-        if validate:
-            result = evaluate_detector(model, val_loader, criterion, device, cfg.progress,
-                                       f"epoch {epoch} val")
-            record.update({k: v for k, v in result.items() if k != "per_class"})
-            record["ap_per_class"] = result["per_class"]
-            line += (f" | val loss {result['val_loss']:.4f} mAP@0.5 {result['map_50']:.3f} "
-                     f"AP@[.5:.95] {result['map']:.3f}")
+        record = train_one_epoch(cfg, epoch, model, train_loader, step, optimizer, scheduler)
+        line = (
+            f"epoch {epoch}/{cfg.epochs}  train loss {record['train_loss']:.4f} "
+            f"(loc {record['train_loss_loc']:.4f}, conf {record['train_loss_conf']:.4f})"
+        )
+        metadata = {**about, "epoch": epoch, "history": history}
+        validated = epoch % cfg.val_every == 0 or epoch == cfg.epochs
+        if validated:
+            record |= validate(cfg, model, val_loader, criterion, device, labels, epoch)
+            line += f" | val loss {record['val_loss']:.4f} {title} {record['map']:.3f}"
+            metadata |= {"val_metric": record["metric"], "val_map": record["map"]}
         record["seconds"] = round(time.perf_counter() - started, 2)
         history.append(record)
         say(f"{line}  ({record['seconds']:.1f} s)")
-        metadata["history"] = history
-        if validate:
-            metadata.update({"val_map_50": record["map_50"], "val_map": record["map"]})
-            if record["map_50"] > best_map:
-                best_map = record["map_50"]
-                _save(cfg, model, "best", labels, metadata)
-        _save(cfg, model, "last", labels, metadata)
-        save_train_state(cfg.out, {
-            "command": COMMAND, "config": plain_config(cfg), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "iteration": iteration, "history": history,
-            "best_map": best_map, "labels": labels, "arch": cfg.arch, "width": cfg.width,
-        })
-        write_history(cfg.out, history)
+        improved = validated and record["map"] > best_map
+        best_map = record["map"] if improved else best_map
+        served = fold_batchnorm(model) if has_batchnorm(model) else model
+        progress = {"epoch": epoch, "best_map": best_map, "base": base}
+        loop.end_epoch(run, cfg.out, served, form, metadata, history, improved, progress)
     best = cfg.out / "best.pth"
-    say(f"best mAP@0.5 {best_map:.3f}: {best}\nserve it with a models file entry:\n"
-        f'[[models]]\nname = "my-detector"\ntask = "detect"\narch = "{cfg.arch}"\n'
-        f'format = "project"\nweights = "{best.resolve()}"')
-    return {"best": best, "last": cfg.out / "last.pth", "best_map_50": best_map, "history": history,
-            "labels": labels}
+    say(f"best {title} {best_map:.3f}: {best}\n" + loop.serve_entry(best, "my-detector", "detect", cfg.arch))
+    return {
+        "best": best,
+        "last": cfg.out / "last.pth",
+        "metric": cfg.metric,
+        "best_map": best_map,
+        "history": history,
+        "labels": labels,
+    }

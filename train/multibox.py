@@ -1,13 +1,7 @@
-"""SSD training targets and loss: ``match`` / ``encode`` and ``MultiBoxLoss`` (book-ssd.md 2.9).
-
-- :func:`match`: IoU of every ground truth with every default box (in corner form); each ground
-  truth first claims its best default box (whatever the IoU), then every other default box takes
-  the ground truth it overlaps most if that IoU is >= ``threshold`` (0.5), else background.
-- :func:`encode`: the paper's offsets (eq. 2) divided by the variances, the inverse of
-  ``models.detect.decode``.
-- :class:`MultiBoxLoss`: smooth L1 over positive boxes + cross-entropy over positives and the
-  hardest negatives (``neg_pos`` = 3 per positive, ranked by their own cross-entropy), both summed
-  over the batch and divided by the number of positives.
+"""SSD training targets and loss (book-ssd.md 2.9, the SSD paper's eq. 1 and 2): :func:`match`
+assigns each default box a ground truth or background, :func:`encode` turns boxes into regression
+targets (the inverse of ``models.detect.decode``), :class:`MultiBoxLoss` sums smooth L1 and
+hard-negative-mined cross-entropy over the number of positives.
 """
 
 from __future__ import annotations
@@ -33,9 +27,16 @@ def encode(matched: Tensor, priors: Tensor, variances: tuple[float, float] = (0.
     return torch.cat((offsets, scales), dim=1)
 
 
-def match(truths: Tensor, labels: Tensor, priors: Tensor, threshold: float = 0.5,
-          variances: tuple[float, float] = (0.1, 0.2)) -> tuple[Tensor, Tensor]:
-    """Targets for one image.
+def match(
+    truths: Tensor,
+    labels: Tensor,
+    priors: Tensor,
+    threshold: float = 0.5,
+    variances: tuple[float, float] = (0.1, 0.2),
+) -> tuple[Tensor, Tensor]:
+    """Targets for one image: each ground truth first claims its best default box (whatever the
+    IoU), then every other default box takes the ground truth it overlaps most if that IoU is >=
+    ``threshold``, else background.
 
     Args:
         truths (Tensor[N, 4]): ground-truth boxes [x1, y1, x2, y2], normalised, with x2 > x1, y2 > y1.
@@ -70,8 +71,13 @@ class MultiBoxLoss(nn.Module):
     default boxes in the batch (at least 1, so a batch without objects gives finite zeros).
     """
 
-    def __init__(self, priors: Tensor, threshold: float = 0.5, neg_pos: int = 3,
-                 variances: tuple[float, float] = (0.1, 0.2)) -> None:
+    def __init__(
+        self,
+        priors: Tensor,
+        threshold: float = 0.5,
+        neg_pos: int = 3,
+        variances: tuple[float, float] = (0.1, 0.2),
+    ) -> None:
         super().__init__()
         self.register_buffer("priors", priors.clone(), persistent=False)
         self.threshold = threshold
@@ -98,8 +104,9 @@ class MultiBoxLoss(nn.Module):
         loss_loc = F.smooth_l1_loss(loc[pos].float(), loc_t[pos], reduction="sum")
 
         with torch.no_grad():  # hard negative mining: rank the negatives by their own cross-entropy
-            mining = F.cross_entropy(conf.reshape(-1, num_classes).float(), conf_t.reshape(-1),
-                                     reduction="none").reshape(batch, num_priors)
+            mining = F.cross_entropy(
+                conf.reshape(-1, num_classes).float(), conf_t.reshape(-1), reduction="none"
+            ).reshape(batch, num_priors)
             mining[pos] = 0.0
             order = mining.argsort(dim=1, descending=True)
             rank = order.argsort(dim=1)  # rank[b, a] = position of box a in the descending order

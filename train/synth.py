@@ -1,18 +1,9 @@
-"""Synthetic "shapes" data: filled coloured shapes on textured backgrounds, in both training layouts.
-
-``python -m train synth --layout folders --out DIR`` writes the classifier layout
-(``DIR/{train,val}/<class>/NNNNN.jpg``, one shape per image); ``--layout voc`` writes the detector
-layout (``DIR/JPEGImages/*.jpg``, ``DIR/Annotations/*.xml``, ``DIR/ImageSets/Main/{train,val}.txt``
-and ``DIR/labels.txt``), with 1 to ``max_objects`` shapes per image at varied scale, aspect,
-rotation and overlap.
+"""Synthetic "shapes" data: filled coloured shapes on textured backgrounds, in both training layouts
+(class folders for the classifier, PASCAL VOC for the detector).
 
 Every image is drawn from its own generator seeded with ``(seed, split, index)``, so a file does
-not depend on how many others are written: ``--train 100`` and ``--train 1000`` share their first
-100 images, and a held-out set is just another seed.
-
-Boxes are the exact extent of each shape's polygon (shapes are polygons, ellipses included), in
-pixels; a VOC object is marked ``difficult`` when other shapes hide more than
-``DIFFICULT_HIDDEN`` of its pixels.
+not depend on how many others are written, and a held-out set is just another seed. Boxes are the
+exact extent of each shape's polygon; an object mostly hidden by others is marked ``difficult``.
 """
 
 from __future__ import annotations
@@ -85,11 +76,15 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     a checkerboard, plus pixel noise."""
     base = rng.uniform(40, 215, size=3)
     coarse = rng.normal(0.0, rng.uniform(10, 45), size=(rng.integers(2, 7), rng.integers(2, 7), 3))
-    field = np.asarray(
-        Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize((width, height),
-                                                                                Image.Resampling.BICUBIC),
-        dtype=np.float32,
-    ) - 128.0
+    field = (
+        np.asarray(
+            Image.fromarray(np.clip(coarse + 128, 0, 255).astype(np.uint8)).resize(
+                (width, height), Image.Resampling.BICUBIC
+            ),
+            dtype=np.float32,
+        )
+        - 128.0
+    )
     image = base + field
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     pattern = rng.integers(3)
@@ -133,8 +128,13 @@ def _iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _place(rng: np.random.Generator, name: str, width: int, height: int, scale: tuple[float, float],
-           ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+def _place(
+    rng: np.random.Generator,
+    name: str,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
     """A random polygon of class ``name`` that lies inside the image, and its box."""
     short = min(width, height)
     for _ in range(100):
@@ -161,8 +161,14 @@ def _place(rng: np.random.Generator, name: str, width: int, height: int, scale: 
     raise RuntimeError(f"could not place a {name} of scale {scale} in a {width}x{height} image")
 
 
-def _draw(rng: np.random.Generator, width: int, height: int, names: Sequence[str],
-          scale: tuple[float, float], max_iou: float) -> tuple[Image.Image, list[ShapeObject]]:
+def _draw(
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    names: Sequence[str],
+    scale: tuple[float, float],
+    max_iou: float,
+) -> tuple[Image.Image, list[ShapeObject]]:
     canvas = _background(rng, width, height)
     image = Image.fromarray(canvas.round().astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -177,7 +183,7 @@ def _draw(rng: np.random.Generator, width: int, height: int, names: Sequence[str
         else:
             continue  # no room left for this one
         x1, y1, x2, y2 = (int(v) for v in (box[0], box[1], math.ceil(box[2]), math.ceil(box[3])))
-        local = canvas[y1:y2 + 1, x1:x2 + 1].reshape(-1, 3).mean(axis=0)
+        local = canvas[y1 : y2 + 1, x1 : x2 + 1].reshape(-1, 3).mean(axis=0)
         points = [(float(x), float(y)) for x, y in poly]
         fill = _colour(rng, local)
         outline = tuple(int(c * 0.55) for c in fill) if rng.random() < 0.5 else None
@@ -193,9 +199,15 @@ def _draw(rng: np.random.Generator, width: int, height: int, names: Sequence[str
     return image, objects
 
 
-def draw_detection_image(seed: int, split: str, index: int, size: int = 300, max_objects: int = 5,
-                         scale: tuple[float, float] = (0.12, 0.6), classes: Sequence[str] = CLASSES,
-                         ) -> tuple[Image.Image, list[ShapeObject]]:
+def draw_detection_image(
+    seed: int,
+    split: str,
+    index: int,
+    size: int = 300,
+    max_objects: int = 5,
+    scale: tuple[float, float] = (0.12, 0.6),
+    classes: Sequence[str] = CLASSES,
+) -> tuple[Image.Image, list[ShapeObject]]:
     """Image ``index`` of ``split`` for detection: about ``size`` pixels a side (each side 0.8-1.25x),
     1 to ``max_objects`` shapes whose longer side is ``scale`` times the shorter image side, boxes
     overlapping with IoU at most 0.35. Deterministic in (seed, split, index)."""
@@ -206,8 +218,9 @@ def draw_detection_image(seed: int, split: str, index: int, size: int = 300, max
     return _draw(rng, width, height, names, scale, max_iou=0.35)
 
 
-def draw_classification_image(seed: int, split: str, index: int, size: int = 224,
-                              classes: Sequence[str] = CLASSES) -> tuple[Image.Image, str]:
+def draw_classification_image(
+    seed: int, split: str, index: int, size: int = 224, classes: Sequence[str] = CLASSES
+) -> tuple[Image.Image, str]:
     """Image ``index`` of ``split`` for classification: ``size`` x ``size``, one shape whose longer
     side is 0.35-0.85 of the image; classes take turns (index modulo the class count)."""
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
@@ -253,8 +266,9 @@ def _voc_xml(filename: str, image: Image.Image, objects: Sequence[ShapeObject]) 
     return ET.ElementTree(root)
 
 
-def write_voc(out: str | Path, train: int, val: int, seed: int = 0, size: int = 300,
-              max_objects: int = 5) -> Path:
+def write_voc(
+    out: str | Path, train: int, val: int, seed: int = 0, size: int = 300, max_objects: int = 5
+) -> Path:
     """The detector layout (PASCAL VOC): JPEGImages, Annotations, ImageSets/Main/{train,val}.txt and
     labels.txt (the class names, one a line). Returns ``out``."""
     out = Path(out)
@@ -266,8 +280,9 @@ def write_voc(out: str | Path, train: int, val: int, seed: int = 0, size: int = 
             image_id = f"{split}_{index:05d}"
             image, objects = draw_detection_image(seed, split, index, size, max_objects)
             image.save(out / "JPEGImages" / f"{image_id}.jpg", quality=_JPEG_QUALITY)
-            _voc_xml(f"{image_id}.jpg", image, objects).write(out / "Annotations" / f"{image_id}.xml",
-                                                              encoding="unicode")
+            _voc_xml(f"{image_id}.jpg", image, objects).write(
+                out / "Annotations" / f"{image_id}.xml", encoding="unicode"
+            )
             ids.append(image_id)
         (out / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     (out / "labels.txt").write_text("".join(f"{name}\n" for name in CLASSES))

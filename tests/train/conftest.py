@@ -9,6 +9,20 @@ import pytest
 from train.__main__ import main
 from train.synth import write_folders, write_voc
 
+#: the options of the trained_* runs but --data, --epochs and --out (the resume tests repeat them)
+CLASSIFIER_RUN = (
+    "--mode finetune --arch vgg16_bn --width 1/16 --size 32 --batch-size 8 --no-progress --pretrained none "
+    "--lr-features 0.01 --lr-classifier 0.01"
+)
+DETECTOR_RUN = (
+    "--width 1/16 --batch-size 3 --val-every 1 --no-progress --batchnorm --warmup-iters 2 --lr-steps 1"
+)
+
+
+def command(*parts: str | Path) -> list[str]:
+    """An argv from option strings ("--epochs 2", split at spaces) and paths (kept whole)."""
+    return [word for part in parts for word in (part.split() if isinstance(part, str) else [str(part)])]
+
 
 @pytest.fixture(scope="session")
 def folders_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -27,18 +41,18 @@ def trained_classifier(folders_data: Path, tmp_path_factory: pytest.TempPathFact
     """``python -m train classifier`` for 2 epochs on the tiny folders: VGG16-BN width 1/16, 32 px,
     fine-tuned from scratch; returns its output folder."""
     out = tmp_path_factory.mktemp("run-cls")
-    main(["classifier", "--data", str(folders_data), "--mode", "finetune", "--arch", "vgg16_bn",
-          "--width", "1/16", "--size", "32", "--epochs", "2", "--batch-size", "8", "--out", str(out),
-          "--no-progress", "--pretrained", "none", "--state-dict", "--lr-features", "0.01",
-          "--lr-classifier", "0.01"])
+    args = command("classifier", CLASSIFIER_RUN, "--data", folders_data, "--epochs 2 --state-dict --out", out)
+    assert main(args) == 0
     return out
 
 
 @pytest.fixture(scope="session")
 def trained_detector(voc_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``python -m train detector`` for 1 epoch on the tiny VOC folder: SSD300 width 1/16, with
-    augmentation, BatchNorm while training (folded on save) and validation; returns its output folder."""
+    """``python -m train detector`` for 2 epochs on the tiny VOC folder: SSD300 width 1/16, with
+    augmentation, BatchNorm while training (folded on save), a warm-up and a learning-rate step, and
+    validation each epoch; returns its output folder."""
     out = tmp_path_factory.mktemp("run-det")
-    main(["detector", "--data", str(voc_data), "--width", "1/16", "--epochs", "1", "--batch-size", "3",
-          "--val-every", "1", "--out", str(out), "--no-progress", "--state-dict", "--batchnorm"])
+    assert (
+        main(command("detector", DETECTOR_RUN, "--data", voc_data, "--epochs 2 --state-dict --out", out)) == 0
+    )
     return out

@@ -33,8 +33,9 @@ def _pixel_box(image: np.ndarray, colour: tuple[float, float, float]) -> list[fl
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
-def _geometric(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _geometric(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     image, boxes, labels = expand(image, boxes, labels, rng)
     image, boxes, labels = random_sample_crop(image, boxes, labels, rng)
     return mirror(image, boxes, labels, rng)
@@ -66,9 +67,9 @@ def test_expand_fills_with_the_ssd_pixel_mean_and_mirror_flips_boxes() -> None:
     assert big.shape[0] > image.shape[0] and big.shape[1] > image.shape[1]
     left, top = (big_boxes[0, :2] - boxes[0, :2]).astype(int)  # where the image went
     height, width = image.shape[:2]
-    np.testing.assert_array_equal(big[top:top + height, left:left + width], image)
+    np.testing.assert_array_equal(big[top : top + height, left : left + width], image)
     outside = np.ones(big.shape[:2], dtype=bool)
-    outside[top:top + height, left:left + width] = False
+    outside[top : top + height, left : left + width] = False
     assert (big[outside] == np.asarray(SSD_PIXEL_MEAN_RGB, dtype=np.float32)).all()
     assert _pixel_box(big, RED) == big_boxes[0].tolist()
     flipped, flipped_boxes, _ = mirror(image, boxes, labels, np.random.default_rng(0), p=1.0)
@@ -84,8 +85,9 @@ def test_random_sample_crop_meets_the_overlap_constraint() -> None:
     labels = np.array([0, 1])
     for min_iou in (0.3, 0.7, 0.9):
         for seed in range(40):
-            out, out_boxes, out_labels = random_sample_crop(image, boxes, labels, np.random.default_rng(seed),
-                                                            modes=[(min_iou, float("inf"))])
+            out, out_boxes, out_labels = random_sample_crop(
+                image, boxes, labels, np.random.default_rng(seed), modes=[(min_iou, float("inf"))]
+            )
             if out.shape == image.shape:
                 continue  # no patch found in the allowed rounds: unchanged
             left, top = out[0, 0, 0], out[0, 0, 1]
@@ -98,8 +100,9 @@ def test_random_sample_crop_meets_the_overlap_constraint() -> None:
             # kept boxes: those whose centre is inside, clipped to the patch, in its coordinates
             centres = (boxes[:, :2] + boxes[:, 2:]) / 2
             inside = ((centres > rect[:2]) & (centres < rect[2:])).all(axis=1)
-            clipped = np.concatenate((np.maximum(boxes[inside, :2], rect[:2]),
-                                      np.minimum(boxes[inside, 2:], rect[2:])), axis=1)
+            clipped = np.concatenate(
+                (np.maximum(boxes[inside, :2], rect[:2]), np.minimum(boxes[inside, 2:], rect[2:])), axis=1
+            )
             expected = clipped - np.tile(rect[:2], 2)
             np.testing.assert_allclose(out_boxes, expected)
             assert out_labels.tolist() == labels[inside].tolist()

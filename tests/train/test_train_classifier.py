@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from models import ModelSpec, load_model
 from models.preprocess import ClassifierTransform
 from tests import checkpoint_factory as cf
+from tests.train.conftest import CLASSIFIER_RUN, command
 from train.__main__ import main
-from train.classifier import build_classifier, load_folders, make_optimizer, run_epoch
+from train.classifier import build_classifier, classifier_step, load_folders, make_optimizer
+from train.loop import run_epoch
 from train.synth import CLASSES
 
 TINY = 1 / 16
@@ -39,7 +40,7 @@ def test_transfer_mode_trains_only_the_head_and_leaves_the_rest_bit_identical(fo
     assert trainable == ["classifier.6.weight", "classifier.6.bias"]
     train, _ = load_folders(folders_data, 32, 32)
     loader = DataLoader(train, batch_size=8, shuffle=True)
-    run_epoch(model, loader, nn.CrossEntropyLoss(), torch.device("cpu"), optimizer)
+    run_epoch(model, loader, classifier_step(model, torch.device("cpu")), optimizer)
     after = model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     # parameters AND BatchNorm running statistics of the frozen layers are untouched
@@ -54,12 +55,17 @@ def test_finetune_optimizer_has_the_three_learning_rates() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     assert len(groups[0]) == 26 and all(n.startswith("features.") for n in groups[0])  # the book's 26 tensors
-    assert groups[1] == ["classifier.0.weight", "classifier.0.bias",
-                         "classifier.3.weight", "classifier.3.bias"]
+    assert groups[1] == [
+        "classifier.0.weight",
+        "classifier.0.bias",
+        "classifier.3.weight",
+        "classifier.3.bias",
+    ]
     assert groups[2] == ["classifier.6.weight", "classifier.6.bias"]
     assert all(p.requires_grad for p in model.parameters())
-    custom = make_optimizer(model, "finetune", lr_features=1e-3, lr_classifier=2e-3, lr_head=3e-3,
-                            momentum=0.5)
+    custom = make_optimizer(
+        model, "finetune", lr_features=1e-3, lr_classifier=2e-3, lr_head=3e-3, momentum=0.5
+    )
     assert [(g["lr"], g["momentum"]) for g in custom.param_groups] == [(1e-3, 0.5), (2e-3, 0.5), (3e-3, 0.5)]
 
 
@@ -88,13 +94,13 @@ def test_epoch_loss_weights_each_batch_by_its_size(folders_data: Path) -> None:
     model, _ = build_classifier("vgg16", 4, TINY, pretrained=None)
     _, val = load_folders(folders_data, 32, 32)
     loader = DataLoader(val, batch_size=3)
-    loss, accuracy = run_epoch(model, loader, nn.CrossEntropyLoss(), torch.device("cpu"))
+    means = run_epoch(model, loader, classifier_step(model, torch.device("cpu")))
     images = torch.stack([val[i][0] for i in range(len(val))])  # 8 images: batches of 3, 3, 2
     labels = torch.tensor([val[i][1] for i in range(len(val))])
     with torch.no_grad():
         logits = model.eval()(images)
-    assert loss == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
-    assert accuracy == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    assert means["loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+    assert means["acc"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
 
 
 def test_imagenet_weights_only_fit_full_width(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -106,15 +112,16 @@ def test_imagenet_weights_only_fit_full_width(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_command_writes_checkpoints_the_service_loads_and_resumes(
-        trained_classifier: Path, folders_data: Path, tmp_path: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    trained_classifier: Path, folders_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = Path(shutil.copytree(trained_classifier, tmp_path / "run"))
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert "train_loss" not in history[0] and "train_loss" in history[1]  # epoch 0 only evaluates
 
-    spec = ModelSpec(name="shapes", task="classify", arch="vgg16_bn", format="project",
-                     weights=out / "best.pth")
+    spec = ModelSpec(
+        name="shapes", task="classify", arch="vgg16_bn", format="project", weights=out / "best.pth"
+    )
     classifier = load_model(spec)
     assert classifier.info.labels == sorted(CLASSES) and classifier.info.input_size == (32, 32)
     assert classifier.info.format == "project"
@@ -126,17 +133,24 @@ def test_command_writes_checkpoints_the_service_loads_and_resumes(
     best_epoch = max(history, key=lambda h: (h["val_acc"], -h["val_loss"]))["epoch"]
     assert metadata["epoch"] == best_epoch
     # the book's plain state_dict, served as format "state_dict"
-    plain = ModelSpec(name="plain", task="classify", arch="vgg16_bn", format="state_dict",
-                      weights=out / "last_state_dict.pth", labels=tuple(sorted(CLASSES)), resize=32, crop=32)
+    plain = ModelSpec(
+        name="plain",
+        task="classify",
+        arch="vgg16_bn",
+        format="state_dict",
+        weights=out / "last_state_dict.pth",
+        labels=tuple(sorted(CLASSES)),
+        resize=32,
+        crop=32,
+    )
     assert load_model(plain).info.num_classes == 4
 
     capsys.readouterr()
-    main(["classifier", "--data", str(folders_data), "--mode", "finetune", "--arch", "vgg16_bn",
-          "--width", "1/16", "--size", "32", "--epochs", "3", "--batch-size", "8", "--out", str(out),
-          "--no-progress", "--pretrained", "none", "--resume", str(out)])
+    resume = command("classifier", CLASSIFIER_RUN, "--data", folders_data, "--out", out, "--resume", out)
+    assert main([*resume, "--epochs", "3"]) == 0
     assert "resuming after epoch 2" in capsys.readouterr().err
     assert [h["epoch"] for h in json.loads((out / "history.json").read_text())] == [0, 1, 2, 3]
-    with pytest.raises(SystemExit, match="was a finetune run"):
-        main(["classifier", "--data", str(folders_data), "--mode", "transfer", "--arch", "vgg16_bn",
-              "--width", "1/16", "--size", "32", "--epochs", "4", "--out", str(out), "--pretrained", "none",
-              "--resume", str(out), "--no-progress"])
+    assert main([*resume, "--epochs", "4", "--mode", "transfer"]) == 2
+    assert (
+        "trained a network with --mode finetune; this run asks for --mode transfer" in capsys.readouterr().err
+    )

@@ -12,9 +12,11 @@ from torch import nn
 from models import ModelSpec, load_model
 from models.anchors import default_boxes
 from models.ssd import SSD, SSD300_VOC
-from train.detector import VOCDetection, build_detector, collate, read_annotation
+from train.detector import build_detector
+from train.errors import TrainError
 from train.multibox import MultiBoxLoss
 from train.synth import CLASSES
+from train.voc import VOCDetection, collate, read_annotation
 
 TINY = 1 / 16
 
@@ -37,7 +39,7 @@ def test_read_annotation_drops_difficult_objects_and_reads_boxes_as_the_book(tmp
     assert ann.labels.tolist() == [CLASSES.index("star"), CLASSES.index("triangle")]
     assert ann.boxes.tolist() == [[10, 20, 60, 80], [100, 0, 199, 99]]  # coord - 1
     assert len(read_annotation(path, CLASSES, keep_difficult=True).boxes) == 3
-    with pytest.raises(SystemExit, match="'star' is not in the labels"):
+    with pytest.raises(TrainError, match="'star' is not in the labels"):
         read_annotation(path, ["ellipse", "triangle"])
 
 
@@ -106,24 +108,38 @@ def test_base_weights_load_from_the_reducedfc_layout(tmp_path: Path) -> None:
     model = build_detector("ssd300", 5, TINY, base)
     for key, value in donor.vgg.state_dict().items():
         assert torch.equal(model.vgg.state_dict()[key], value)
-    with pytest.raises(SystemExit, match=r"does not fit the VGG base of an ssd300 at width 0\.125"):
+    with pytest.raises(TrainError, match=r"does not fit the VGG base of an ssd300 at width 0\.125"):
         build_detector("ssd300", 5, 1 / 8, base)
 
 
 def test_command_writes_checkpoints_the_service_loads(trained_detector: Path, voc_data: Path) -> None:
     out = trained_detector
     history = json.loads((out / "history.json").read_text())
-    assert len(history) == 1 and {"map_50", "map", "val_loss", "train_loss"} <= set(history[0])
-    assert set(history[0]["ap_per_class"]) <= {"0", "1", "2", "3"}
-    detector = load_model(ModelSpec(name="shapes", task="detect", arch="ssd300", format="project",
-                                    weights=out / "best.pth"))
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"metric", "map", "val_loss", "train_loss", "train_loss_loc", "lr"} <= set(history[0])
+    assert history[0]["metric"] == "voc07" and set(history[0]["ap_per_class"]) == set(CLASSES)
+    # --warmup-iters 2 over the 2 steps of epoch 1, then --lr-steps 1: a tenth in epoch 2
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 1e-4])
+    detector = load_model(
+        ModelSpec(name="shapes", task="detect", arch="ssd300", format="project", weights=out / "best.pth")
+    )
     assert detector.info.labels == list(CLASSES) and detector.info.input_size == (300, 300)
     metadata = torch.load(out / "best.pth", weights_only=True)["metadata"]
     assert metadata["variant"] == "SSD300 width 1/16" and metadata["width"] == TINY
-    assert metadata["val_map_50"] == history[0]["map_50"]
+    best_epoch = max(history, key=lambda h: h["map"])["epoch"]
+    assert metadata["epoch"] == best_epoch and metadata["val_metric"] == "voc07"
+    assert metadata["val_map"] == history[best_epoch - 1]["map"]
     # the book's layout: served as ssd.pytorch with the labels given
-    plain = load_model(ModelSpec(name="plain", task="detect", arch="ssd300", format="ssd.pytorch",
-                                 weights=out / "last_state_dict.pth", labels=CLASSES))
+    plain = load_model(
+        ModelSpec(
+            name="plain",
+            task="detect",
+            arch="ssd300",
+            format="ssd.pytorch",
+            weights=out / "last_state_dict.pth",
+            labels=CLASSES,
+        )
+    )
     assert plain.info.num_classes == 4
     assert (out / "train_state.pth").is_file()
 
@@ -168,9 +184,14 @@ def test_base_from_a_trained_classifier_computes_the_classifiers_features(tmp_pa
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
     classifier.eval()
-    path = save_project_checkpoint(tmp_path / "cls.pth", classifier, task="classify", arch="vgg16_bn",
-                                   labels=list("abcd"),
-                                   preprocess={"kind": "classifier", "resize": 64, "crop": 64})
+    path = save_project_checkpoint(
+        tmp_path / "cls.pth",
+        classifier,
+        task="classify",
+        arch="vgg16_bn",
+        labels=list("abcd"),
+        preprocess={"kind": "classifier", "resize": 64, "crop": 64},
+    )
     pixels = torch.rand(2, 3, 64, 64) * 255
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     x_cls = (pixels / 255 - mean) / std
@@ -188,8 +209,9 @@ def test_base_from_a_trained_classifier_computes_the_classifiers_features(tmp_pa
             first = nn.Sequential(*net.vgg[:2])(x_ssd)  # conv1_1 (its BatchNorm folded in or kept), ReLU
             conv4_3 = nn.Sequential(*net.vgg[:23])(x_ssd)
         # exact away from the border (the zero padding differs by the ~0.01 mean shift)
-        torch.testing.assert_close(first[..., 1:-1, 1:-1], expected_first[..., 1:-1, 1:-1],
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            first[..., 1:-1, 1:-1], expected_first[..., 1:-1, 1:-1], rtol=1e-4, atol=1e-4
+        )
         assert (conv4_3 - expected_conv4_3).abs().max() < 0.05 * expected_conv4_3.abs().max()
-    with pytest.raises(SystemExit, match=r"give --width 0\.0625"):
+    with pytest.raises(TrainError, match=r"give --width 0\.0625"):
         base_from_classifier(build_detector("ssd300", 5, 1 / 8), path)

@@ -9,13 +9,15 @@ import torch
 from train.multibox import MultiBoxLoss, encode, match
 
 # default boxes (cx, cy, w, h) and their corners, chosen so every IoU below is easy to check by hand
-PRIORS = torch.tensor([
-    [0.25, 0.25, 0.5, 0.5],  # p0 [0, 0, .5, .5]
-    [0.75, 0.75, 0.5, 0.5],  # p1 [.5, .5, 1, 1]
-    [0.50, 0.50, 0.2, 0.2],  # p2 [.4, .4, .6, .6]
-    [0.75, 0.25, 0.5, 0.5],  # p3 [.5, 0, 1, .5]
-    [0.30, 0.30, 0.5, 0.5],  # p4 [.05, .05, .55, .55]
-])
+PRIORS = torch.tensor(
+    [
+        [0.25, 0.25, 0.5, 0.5],  # p0 [0, 0, .5, .5]
+        [0.75, 0.75, 0.5, 0.5],  # p1 [.5, .5, 1, 1]
+        [0.50, 0.50, 0.2, 0.2],  # p2 [.4, .4, .6, .6]
+        [0.75, 0.25, 0.5, 0.5],  # p3 [.5, 0, 1, .5]
+        [0.30, 0.30, 0.5, 0.5],  # p4 [.05, .05, .55, .55]
+    ]
+)
 T0 = [0.0, 0.0, 0.5, 0.5]  # = p0; IoU with p4 = .2025 / .2975 = 0.681
 T1 = [0.45, 0.45, 0.65, 0.65]  # best prior p2 with IoU .0225 / .0575 = 0.391 < 0.5
 
@@ -72,8 +74,9 @@ def test_multibox_loss_hard_negatives_and_normalisation() -> None:
     loss_l, loss_c = criterion(loc_pred[None], torch.tensor(conf_logits)[None], [target])
     # smooth L1 over positives only: p0 0; p4 vs (-1, -1, 0, 0): |1| -> 0.5, 0, 0, |0.5| -> 0.125
     assert math.isclose(loss_l.item(), (0.5 + 0.125) / 2, rel_tol=1e-6)
-    expected_c = (_ce(conf_logits[0], 3) + _ce(conf_logits[4], 3) + _ce(conf_logits[2], 0)
-                  + _ce(conf_logits[1], 0)) / 2
+    expected_c = (
+        _ce(conf_logits[0], 3) + _ce(conf_logits[4], 3) + _ce(conf_logits[2], 0) + _ce(conf_logits[1], 0)
+    ) / 2
     assert math.isclose(loss_c.item(), expected_c, rel_tol=1e-6)
 
 

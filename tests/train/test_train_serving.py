@@ -47,8 +47,9 @@ def _scene() -> tuple[Image.Image, list[tuple[str, tuple[float, float, float, fl
     return image, shapes
 
 
-async def test_checkpoints_written_by_training_are_served(trained_classifier: Path, trained_detector: Path,
-                                                          tmp_path: Path) -> None:
+async def test_checkpoints_written_by_training_are_served(
+    trained_classifier: Path, trained_detector: Path, tmp_path: Path
+) -> None:
     models = tmp_path / "models.toml"
     models.write_text(
         f'[[models]]\nname = "trained-vgg"\ntask = "classify"\narch = "vgg16_bn"\nformat = "project"\n'
@@ -67,8 +68,9 @@ async def test_checkpoints_written_by_training_are_served(trained_classifier: Pa
         assert classified.status_code == 200, classified.text
         predictions = classified.json()["results"][0]["predictions"]
         assert {p["label"] for p in predictions} == set(CLASSES)  # top 5 of 4 classes: all of them
-        detected = await client.post("/v1/detect?max_detections=5",
-                                     files={"file": ("a.png", _png(image), "image/png")})
+        detected = await client.post(
+            "/v1/detect?max_detections=5", files={"file": ("a.png", _png(image), "image/png")}
+        )
         assert detected.status_code == 200, detected.text
         detections = detected.json()["results"][0]["detections"]
         assert len(detections) == 5  # an untrained model is unsure of everything; threshold 0 keeps them
@@ -98,8 +100,9 @@ async def test_demo_models_find_the_shapes_drawn_here() -> None:
     image, shapes = _scene()
     app = create_app(settings_for(models_file=DEMO_MODELS))
     async with running(app) as client:
-        detected = await client.post("/v1/detect?score_threshold=0.3",
-                                     files={"file": ("scene.png", _png(image), "image/png")})
+        detected = await client.post(
+            "/v1/detect?score_threshold=0.3", files={"file": ("scene.png", _png(image), "image/png")}
+        )
         assert detected.status_code == 200, detected.text
         body = detected.json()
         assert body["model"] == "shapes-ssd300"
@@ -110,8 +113,9 @@ async def test_demo_models_find_the_shapes_drawn_here() -> None:
         for label, box in shapes:  # one shape alone on the background, as the classifier was trained
             x1, y1, x2, y2 = box
             crop = image.crop((int(x1) - 20, int(y1) - 20, int(x2) + 20, int(y2) + 20))
-            classified = await client.post("/v1/classify?top_k=1",
-                                           files={"file": ("one.png", _png(crop), "image/png")})
+            classified = await client.post(
+                "/v1/classify?top_k=1", files={"file": ("one.png", _png(crop), "image/png")}
+            )
             assert classified.status_code == 200, classified.text
             assert classified.json()["results"][0]["predictions"][0]["label"] == label
 
@@ -121,6 +125,7 @@ def test_evaluate_int8_reports_accuracy_and_agreement_with_fp32(tmp_path: Path) 
     agreement with fp32 on the same images; int8 without calibration images is refused."""
     import pytest
 
+    from train.errors import TrainError
     from train.evaluate import evaluate_checkpoint
     from train.synth import write_folders
 
@@ -138,5 +143,5 @@ def test_evaluate_int8_reports_accuracy_and_agreement_with_fp32(tmp_path: Path) 
     assert agreement["images"] == 24 and 0.8 <= agreement["top1_agreement"] <= 1.0
     assert abs(int8["top1"] - fp32["top1"]) <= 1 - agreement["top1_agreement"] + 1e-9
     assert 0.0 < agreement["score_diff_max"] < 1.0  # int8 changes the scores, a little
-    with pytest.raises(SystemExit, match="needs --calibration"):
+    with pytest.raises(TrainError, match="needs --calibration"):
         evaluate_checkpoint(weights, data, show=False, precision="int8")
