@@ -30,6 +30,7 @@ from app.auth import add_api_key_auth, add_cors
 from app.errors import ApiError, error_body
 from app.metrics import Metrics
 from app.models_file import read_models_file
+from app.proxy import add_proxy_support
 from app.routers import health, models, predict, render, ui, v2
 from app.service import ServiceState, load_predictors, serve_models, warm_up
 from app.settings import Settings
@@ -109,6 +110,7 @@ def create_app(
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    add_proxy_support(app)  # inside the key check: it sees paths without a proxy's prefix
     add_api_key_auth(app, settings)  # inside the request context: 401s get an id, a log line, metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     add_cors(app, settings)  # outermost: preflights pass, 401s carry the CORS headers
