@@ -16,8 +16,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from bench.servers import http_get_status
 
 REPO = Path(__file__).resolve().parents[1]
 NGINX_DIR = REPO / "deploy" / "nginx"
@@ -130,6 +133,14 @@ class Nginx:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def wait_answering(self, path: str = "/health/ready", timeout_s: float = 30) -> None:
+        """Wait until ``GET path`` through nginx answers 200; RuntimeError after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while http_get_status(self.port, path) != 200:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nginx did not answer {path} with 200:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.05)
 
     def log_lines(self) -> list[str]:
         return self.log.read_text(errors="replace").splitlines()
