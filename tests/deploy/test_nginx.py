@@ -22,7 +22,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -70,19 +70,27 @@ class Passage:
         return len(self.upstreams) > 1
 
 
-def passages(nginx: Nginx) -> dict[str, Passage]:
+def passages(nginx: Nginx, ids: Iterable[str]) -> dict[str, Passage]:
     """Request id -> its access-log line (``$upstream_addr``: ``,`` between tries, `` : `` between
-    the first and the second pass)."""
-    found = {}
-    for line in nginx.log_lines():
-        match = _LINE.search(line)
-        if match:
-            found[match["id"]] = Passage(
-                int(match["status"]),
-                re.split(r" *[,:] +", match["upstreams"]),
-                re.split(r" *[,:] +", match["statuses"]),
-            )
-    return found
+    the first and the second pass), once every id of ``ids`` is there (nginx logs a request
+    after its answer went out)."""
+    wanted = set(ids)
+    deadline = time.monotonic() + 15
+    while True:
+        found = {}
+        for line in nginx.log_lines():
+            match = _LINE.search(line)
+            if match:
+                found[match["id"]] = Passage(
+                    int(match["status"]),
+                    re.split(r" *[,:] +", match["upstreams"]),
+                    re.split(r" *[,:] +", match["statuses"]),
+                )
+        missing = wanted - set(found)
+        if not missing:
+            return found
+        assert time.monotonic() < deadline, f"nginx never logged {sorted(missing)[:5]}"
+        time.sleep(0.05)
 
 
 def post(url: str, body: bytes, request_id: str, timeout: float = 60) -> httpx.Response:
@@ -162,7 +170,7 @@ def stubs(tmp_path: Path) -> Iterator[tuple[Nginx, StubReplica, StubReplica]]:
     first, second = StubReplica(), StubReplica()
     nginx = Nginx(tmp_path, [first.port, second.port])
     try:
-        wait_for(lambda: _status(f"{nginx.url}/health/live") == 200, "nginx to answer", timeout=30)
+        nginx.wait_answering("/health/live")
         first.received = second.received = 0
         yield nginx, first, second
     finally:
@@ -203,7 +211,7 @@ def test_a_pool_wide_overload_keeps_every_replica_in_rotation(
     second.answers(200)
     answer = post(f"{nginx.url}/v1/classify", b"x", "after")
     assert answer.status_code == 200
-    assert not passages(nginx)["after"].retried
+    assert not passages(nginx, ["after"])["after"].retried
 
 
 @pytest.mark.parametrize("code", ["DRAINING", "NOT_READY", "OVERLOADED"])
@@ -251,7 +259,7 @@ def test_a_refused_connection_goes_to_another_replica(tmp_path: Path) -> None:
         wait_for(lambda: _listening(nginx.port), "nginx to listen", timeout=30)  # no request yet
         answers = [post(f"{nginx.url}/v1/classify", b"x", f"c{i}") for i in range(4)]
         assert [a.status_code for a in answers] == [200] * 4
-        logged = passages(nginx)
+        logged = passages(nginx, [f"c{i}" for i in range(4)])
         assert any(logged[f"c{i}"].statuses == ["502", "200"] for i in range(4))
     finally:
         nginx.close()
@@ -281,7 +289,7 @@ def start_cluster(folder: Path, **settings: str) -> tuple[Nginx, list[Replica]]:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda r: r.wait_ready(), replicas))
         nginx = Nginx(folder, [r.port for r in replicas])
-        wait_for(lambda: _status(f"{nginx.url}/health/ready") == 200, "nginx to answer", timeout=30)
+        nginx.wait_answering()
     except BaseException:
         for r in replicas:
             r.close()
@@ -346,7 +354,7 @@ def test_a_drain_under_load_loses_no_request(cluster: tuple[Nginx, list[Replica]
         wait_for(lambda: drained.served() > 0, "the restarted replica to take traffic again", timeout=90)
         outcomes = load.stop()
 
-    logged = passages(nginx)
+    logged = passages(nginx, [o.request_id for o in outcomes])
     failures = [o for o in outcomes if o.status != 200]
     assert not failures, (
         f"{len(failures)} of {len(outcomes)} failed: {[(o, logged.get(o.request_id)) for o in failures[:5]]}"
@@ -380,7 +388,7 @@ def test_a_crash_fails_at_most_the_requests_in_flight_on_that_replica(
         wait_for(lambda: crashed.served() > served, "the restarted replica to take traffic", timeout=90)
         outcomes = load.stop()
 
-    logged = passages(nginx)
+    logged = passages(nginx, [o.request_id for o in outcomes])
     address = f"127.0.0.1:{crashed.port}"
 
     def in_flight_on_crashed(o: Outcome) -> bool:
@@ -409,7 +417,9 @@ def big_jpeg(width: int, height: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, size=(height // 8, width // 8, 3), dtype=np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=90)
+    Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR).save(
+        buffer, "JPEG", quality=90
+    )
     return buffer.getvalue()
 
 
@@ -453,7 +463,7 @@ def test_a_burst_over_the_pool_then_every_request_answered_and_run_once(
     answered = statuses.count((200, "")) + len(after)
     assert sum(r.metric("vision_batch_size_sum") for r in replicas) - ran_before == answered
     assert sum(r.served() for r in replicas) - served_before == answered
-    logged = passages(nginx)
+    logged = passages(nginx, [f"burst-{i}" for i in range(36)])
     retried = sum(1 for i in range(36) if logged[f"burst-{i}"].retried)
     print(
         f"\nburst: 36 requests from 12 clients -> {statuses.count((200, ''))} x 200, "
