@@ -4,10 +4,10 @@
 # torch wheels from the default package index, which are CUDA 13.0 builds (torch 2.14.1+cu130)
 # carrying their own cuDNN/cuBLAS; the host needs only the NVIDIA driver and container toolkit.
 #   docker build -t vision-serve:gpu .
-# CPU image: Debian slim with Python 3.11; TORCH_INDEX set to PyTorch's CPU-only wheel index (the
-# URL PyTorch's "Get Started" page gives for pip and CPU) makes torch about 1 GB instead of 6.
-#   docker build -t vision-serve:cpu \
-#     --build-arg BASE_IMAGE=python:3.11-slim --build-arg TORCH_INDEX="$CPU_WHEEL_INDEX" .
+# CPU image: Debian slim with Python 3.11 and PyTorch's CPU-only wheels (about 1 GB instead of 6):
+# TORCH_BACKEND=cpu has uv (`uv pip install --torch-backend cpu`) take torch and torchvision from
+# PyTorch's own index for that build; TORCH_INDEX=URL installs them with pip from that index instead.
+#   docker build -t vision-serve:cpu --build-arg BASE_IMAGE=python:3.11-slim --build-arg TORCH_BACKEND=cpu .
 # Run: mount the folder holding models.toml and the checkpoints read-only on /weights.
 #   docker run --gpus all -p 8000:8000 -v "$PWD/weights:/weights:ro" vision-serve:gpu
 
@@ -17,8 +17,12 @@ FROM ${BASE_IMAGE}
 # Keep in step with the pins in pyproject.toml (tests/test_container.py checks).
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
-# Empty: the default index (CUDA builds). A URL: that index, e.g. the CPU-only wheels above.
+# Where torch and torchvision come from. Both empty: pip's configured index (CUDA builds).
+# TORCH_BACKEND (cpu, cu130, ...): PyTorch's index for that build, through uv, which knows it.
+# TORCH_INDEX (a URL): pip with that index; it wins over TORCH_BACKEND.
+ARG TORCH_BACKEND=""
 ARG TORCH_INDEX=""
+ARG UV_VERSION=0.13.8
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -39,9 +43,18 @@ RUN if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# torch first, in its own layer: it is most of the image and changes least often.
-RUN if [ -n "$TORCH_INDEX" ]; then export PIP_INDEX_URL="$TORCH_INDEX"; fi \
-    && pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+# torch first, in its own layer: it is most of the image and changes least often. uv is removed
+# again in the same layer.
+RUN if [ -n "$TORCH_INDEX" ]; then \
+        PIP_INDEX_URL="$TORCH_INDEX" pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"; \
+    elif [ -n "$TORCH_BACKEND" ]; then \
+        pip install "uv==${UV_VERSION}" \
+        && UV_NO_CACHE=1 uv pip install --python /opt/venv/bin/python --torch-backend "$TORCH_BACKEND" \
+            "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+        && pip uninstall -y uv; \
+    else \
+        pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"; \
+    fi
 
 WORKDIR /srv/vision
 COPY pyproject.toml README.md ./

@@ -29,6 +29,7 @@ from app.auth import add_api_key_auth, add_cors
 from app.errors import ApiError, error_body
 from app.inference import InferenceService
 from app.metrics import Metrics
+from app.proxy import add_proxy_support
 from app.routers import admin, health, models, predict, render, ui, v2
 from app.settings import Settings
 
@@ -83,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(ApiError, _api_error)  # type: ignore[arg-type]  # Starlette types handlers loosely
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]  # as above
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]  # as above
+    add_proxy_support(app)  # inside the key check: it sees paths without a proxy's prefix
     add_api_key_auth(app, settings)  # inside the request context: 401s get an id, a log line, metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     add_cors(app, settings)  # outermost: preflights pass, 401s carry the CORS headers

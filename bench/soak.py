@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import ClosedConfig, Target, _run_in_new_loop, make_payload
+from bench.load import ClosedConfig, Payload, Target, _run_in_new_loop, make_payload
 from bench.stats import latency_summary_ms
 
 SCHEMA = "vision-serve-soak/1"
@@ -107,6 +107,29 @@ def judge(samples: Sequence[ProcSample], warmup: int, limits: Limits, failed_req
     }
 
 
+def drive_round(
+    target: Target, payload: Payload, requests: int, clients: int, max_seconds: float
+) -> dict[str, Any]:
+    """``requests`` requests in closed loop from ``clients`` clients (within ``max_seconds``):
+    how many were sent, how many were not answered 200, and the round's rate, latency and statuses."""
+    config = ClosedConfig(
+        concurrency=clients, max_requests=requests, max_seconds=max_seconds, warmup_requests=0
+    )
+    run = _run_in_new_loop("closed", target, [payload], config, 0)  # every request's sample
+    statuses = Counter(sample.status for sample in run.samples)
+    seconds = max(
+        1e-9,
+        max((x.end for x in run.samples), default=0) - min((x.start for x in run.samples), default=0),
+    )
+    return {
+        "requests": len(run.samples),
+        "failed": len(run.samples) - statuses.get(200, 0),
+        "requests_per_s": round(len(run.samples) / seconds, 1),
+        "latency_ms": latency_summary_ms([x.end - x.start for x in run.samples if x.status == 200]),
+        "status_counts": {str(k): v for k, v in sorted(statuses.items())},
+    }
+
+
 def soak(
     port: int,
     pid: int,
@@ -133,26 +156,12 @@ def soak(
         left = max_seconds - (time.monotonic() - start)
         if left <= 1:
             break
-        n = min(sample_every, requests - sent)
-        config = ClosedConfig(concurrency=clients, max_requests=n, max_seconds=left, warmup_requests=0)
-        run = _run_in_new_loop("closed", target, [payload], config, 0)  # every request's sample
-        statuses = Counter(sample.status for sample in run.samples)
-        sent += len(run.samples)
-        failed += len(run.samples) - statuses.get(200, 0)
-        seconds = max(
-            1e-9,
-            max((x.end for x in run.samples), default=0) - min((x.start for x in run.samples), default=0),
-        )
-        rounds.append(
-            {
-                "requests": len(run.samples),
-                "requests_per_s": round(len(run.samples) / seconds, 1),
-                "latency_ms": latency_summary_ms([x.end - x.start for x in run.samples if x.status == 200]),
-                "status_counts": {str(k): v for k, v in sorted(statuses.items())},
-            }
-        )
+        one = drive_round(target, payload, min(sample_every, requests - sent), clients, left)
+        sent += one["requests"]
+        failed += one.pop("failed")
+        rounds.append(one)
         samples.append(sample_process(pid, sent, time.monotonic() - start))
-        if not run.samples:
+        if not one["requests"]:
             break
     verdict = judge(samples, min(warmup, sent), limits, failed)
     return {
@@ -167,7 +176,8 @@ def soak(
     }
 
 
-def _tiny_models_file(folder: Path) -> Path:
+def tiny_models_file(folder: Path) -> Path:
+    """A models file serving one tiny random-weight VGG16 (``tests/checkpoint_factory.py``)."""
     from tests.checkpoint_factory import write_torchvision_vgg16
 
     write_torchvision_vgg16(folder / "vgg16_tiny.pth", width=1 / 16)
@@ -179,7 +189,8 @@ def _tiny_models_file(folder: Path) -> Path:
     return path
 
 
-def _image(width: int, height: int) -> bytes:
+def soak_image(width: int, height: int) -> bytes:
+    """A JPEG of a real photo (``bench.inputs``) fitted to ``width`` x ``height``."""
     from bench.inputs import encode_jpeg, fit, source_photos
 
     photos, _ = source_photos()
@@ -216,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench.soak: --warmup must be below --requests, --sample-every at least 1", file=sys.stderr)
         return 2
     width, _, height = args.image_size.partition("x")
-    body = _image(int(width), int(height))
+    body = soak_image(int(width), int(height))
     limits = Limits(args.max_rss_growth_pct, args.fd_tolerance, args.thread_tolerance)
     options: dict[str, Any] = dict(
         requests=args.requests,
@@ -242,7 +253,7 @@ def _soak_own_server(args: argparse.Namespace, body: bytes, options: dict[str, A
     from bench.servers import ServerConfig, ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        models_file = args.models_file or _tiny_models_file(Path(tmp))
+        models_file = args.models_file or tiny_models_file(Path(tmp))
         model = args.model or (TINY_MODEL if args.models_file is None else None)
         if model is None:
             import tomllib

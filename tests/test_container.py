@@ -140,9 +140,10 @@ def test_dockerfile_base_is_cuda_with_a_cpu_build_argument() -> None:
     args = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)
     assert args["BASE_IMAGE"].startswith("nvidia/cuda:") and "runtime" in args["BASE_IMAGE"]
     assert ("FROM", "${BASE_IMAGE}") in instructions
-    assert "TORCH_INDEX" in args, "the CPU image needs a build argument for the CPU wheel index"
+    assert "TORCH_INDEX" in args and "TORCH_BACKEND" in args, "the CPU image needs its build arguments"
+    assert args["TORCH_INDEX"] == args["TORCH_BACKEND"] == '""'  # the default image: CUDA wheels
     run_lines = " ".join(a for k, a in instructions if k == "RUN")
-    assert "$TORCH_INDEX" in run_lines
+    assert "$TORCH_INDEX" in run_lines and '--torch-backend "$TORCH_BACKEND"' in run_lines
 
 
 def test_dockerfile_torch_pins_match_pyproject() -> None:
@@ -225,7 +226,8 @@ def test_compose_cpu_profile(compose_cpu: dict[str, Any]) -> None:
     assert svc["environment"]["VISION_DEVICE"] == "cpu"
     args = svc["build"]["args"]
     assert args["BASE_IMAGE"].startswith("python:3.11")
-    assert args["TORCH_INDEX"] == ""  # pip's configured index unless VISION_TORCH_INDEX names one
+    # PyTorch's CPU-only wheels by default, not the CUDA build from pip's index
+    assert args["TORCH_BACKEND"] == "cpu" and args["TORCH_INDEX"] == ""
 
 
 def test_compose_cpu_wheel_index_comes_from_the_environment(compose_bin: Path) -> None:
@@ -233,7 +235,11 @@ def test_compose_cpu_wheel_index_comes_from_the_environment(compose_bin: Path) -
     env["VISION_TORCH_INDEX"] = "file:///srv/wheels/cpu"
     proc = subprocess.run(
         [str(compose_bin), "-f", str(COMPOSE_FILE), "--profile", "cpu", "config", "--format", "json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     args = json.loads(proc.stdout)["services"]["vision-cpu"]["build"]["args"]

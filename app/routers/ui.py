@@ -2,9 +2,11 @@
 
 Plain HTML, CSS and JavaScript shipped in the package (``app/static/``): no CDN, no build step,
 works offline. The page only calls the public API (``/v1/models``, ``/v1/detect``,
-``/v1/classify``), so it shows nothing a client could not get. ``VISION_UI_ENABLED=false`` removes
-both routes (404). The page is sent with a Content-Security-Policy that allows only this origin:
-no inline script or style, no external resource.
+``/v1/classify``), so it shows nothing a client could not get. Its URLs are relative
+(``ui/app.js``, ``v1/models``): behind a proxy that serves the service under a path prefix, it
+loads from there. ``VISION_UI_ENABLED=false`` removes both routes (404). The page is sent with a
+Content-Security-Policy that allows only this origin: no inline script or style, no external
+resource.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 // The try-the-models page: pick or drop an image, send it to /v1/detect or /v1/classify, draw
 // the answer over the image. Detections are asked for once with a low score floor; the slider
 // filters them here, without a new request. No external resources, no inline script (CSP).
+// API paths are relative to the page ("v1/models", not "/v1/models"), so the page also works
+// behind a proxy that serves the service under a path prefix (deploy/nginx: /vision/).
 "use strict";
 
 (() => {
@@ -114,7 +116,7 @@
 
   async function loadModels() {
     try {
-      const { body } = await callApi("/v1/models");
+      const { body } = await callApi("v1/models");
       state.models = new Map(body.models.map((m) => [m.name, m]));
       ui.model.replaceChildren(
         ...body.models.map((m) => new Option(`${m.name} (${m.task}, ${m.arch})`, m.name)),
@@ -139,7 +141,7 @@
     ui.topkControl.hidden = detect;
     ui.modelInfo.textContent = `${model.num_classes} classes · ${model.device} · ${model.dtype}`;
     try {
-      const { body } = await callApi(`/v1/models/${encodeURIComponent(model.name)}`);
+      const { body } = await callApi(`v1/models/${encodeURIComponent(model.name)}`);
       const defaults = body.defaults || {};
       if (detect) setThreshold(defaults.score_threshold ?? 0.5);
       else if (defaults.top_k) ui.topk.value = defaults.top_k;
@@ -180,7 +182,7 @@
     showError(null);
     ui.summary.textContent = `Sending ${state.file.name || "the image"} to ${model.name}`;
     try {
-      const { body, roundTripMs, serverMs } = await callApi(`/v1/${model.task}?${params}`, {
+      const { body, roundTripMs, serverMs } = await callApi(`v1/${model.task}?${params}`, {
         method: "POST",
         body: form,
       });

@@ -443,7 +443,7 @@ async def test_the_page_and_its_files(client: httpx.AsyncClient) -> None:
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "default-src 'none'" in csp
-    assert '<script src="/ui/app.js"' in page.text and "<script>" not in page.text  # no inline script
+    assert '<script src="ui/app.js"' in page.text and "<script>" not in page.text  # no inline script
     assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere
     script = await client.get("/ui/app.js")
     assert script.status_code == 200 and "javascript" in script.headers["content-type"]

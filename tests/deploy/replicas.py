@@ -3,10 +3,8 @@ balancer and soak tests."""
 
 from __future__ import annotations
 
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,31 +15,11 @@ from pathlib import Path
 
 import httpx
 
+from bench.balancer import restartable_port
 from tests import checkpoint_factory as cf
 from tests.app.test_server_process import REPO, clean_env
 
 MODEL = "vgg16-tiny"
-
-
-def restartable_port() -> int:
-    """A free port BELOW the kernel's ephemeral range, for a server that is stopped and started
-    again on the same port: a port from bind(0) may meanwhile become the source port of some
-    outgoing connection (nginx's connect attempts, clients), and the restart would then fail
-    with "address already in use"."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(max(1024, low - 12000), low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def tiny_classifier_file(folder: Path) -> Path:
@@ -125,6 +103,12 @@ class Replica:
         pattern = re.compile(
             rf'^vision_requests_total\{{endpoint="{re.escape(endpoint)}",.*status="200"\}} (\S+)$', re.M
         )
+        return sum(float(m.group(1)) for m in pattern.finditer(text))
+
+    def metric(self, name: str) -> float:
+        """The sum of every sample of ``name`` in this process's /metrics (all label sets)."""
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        pattern = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? (\S+)$", re.M)
         return sum(float(m.group(1)) for m in pattern.finditer(text))
 
     def close(self) -> None:

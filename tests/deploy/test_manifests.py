@@ -171,12 +171,22 @@ def test_kserve_inference_service_uses_the_v2_paths() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": port}
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # the drain fits in the pod's grace period (a field Knative refuses: RawDeployment mode)
+    predictor = doc["spec"]["predictor"]
+    assert doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    env = env_of(container)
+    drain = float(env["VISION_DRAIN_DELAY_S"]) + float(env["VISION_DRAIN_GRACE_S"])
+    assert predictor["terminationGracePeriodSeconds"] > drain
     # the pod template parts are plain Kubernetes: check them against the core schema
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "x"},
-        "spec": {"containers": [container], "volumes": doc["spec"]["predictor"]["volumes"]},
+        "spec": {
+            "containers": [container],
+            "volumes": predictor["volumes"],
+            "terminationGracePeriodSeconds": predictor["terminationGracePeriodSeconds"],
+        },
     }
     kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
 
@@ -217,9 +227,15 @@ def test_compose_replicas_behind_nginx(compose: dict[str, Any]) -> None:
     replicas = replicas_of(compose)
     assert len(replicas) >= 2
     upstream = (DEPLOY / "nginx" / "upstream.conf").read_text()
-    servers = re.findall(r"^\s*server (\S+) ", upstream, flags=re.M)
-    assert servers == [f"{name}:8000" for name in sorted(replicas)]
-    assert "max_fails=" in upstream and "fail_timeout=" in upstream and "keepalive " in upstream
+    groups = nginx_blocks(upstream, "upstream")
+    assert set(groups) == {"vision", "vision_overflow"}
+    for name, body in groups.items():  # every replica, once in each group
+        servers = re.findall(r"^\s*server (\S+) ", body, flags=re.M)
+        assert servers == [f"{r}:8000" for r in sorted(replicas)], name
+        assert "keepalive " in body and "least_conn;" in body and re.search(r"zone \S+ \d+k;", body)
+    # first attempts: a replica that fails is skipped for a while; the overflow pass counts nothing
+    assert all("max_fails=1 fail_timeout=" in line for line in server_lines(groups["vision"]))
+    assert all("max_fails=0" in line for line in server_lines(groups["vision_overflow"]))
     nginx = compose["services"]["nginx"]
     assert set(nginx["depends_on"]) == set(replicas)
     targets = {v["target"]: v for v in nginx["volumes"]}
@@ -251,14 +267,59 @@ def test_compose_cpu_override_drops_the_gpu() -> None:
     for name, svc in replicas_of(config).items():
         assert not svc.get("deploy", {}).get("resources", {}).get("reservations"), name
         assert svc["environment"]["VISION_DEVICE"] == "cpu"
-        assert svc["build"]["args"]["TORCH_INDEX"] == ""  # set through VISION_TORCH_INDEX
+        # PyTorch's CPU-only wheels by default (VISION_TORCH_INDEX may name another index)
+        assert svc["build"]["args"]["TORCH_BACKEND"] == "cpu" and svc["build"]["args"]["TORCH_INDEX"] == ""
         assert svc["restart"] == "unless-stopped"
 
 
-def test_nginx_retries_only_what_is_safe() -> None:
+def nginx_blocks(text: str, kind: str) -> dict[str, str]:
+    """``kind NAME { ... }`` blocks of an nginx config (none of ours nests braces) by NAME."""
+    return dict(re.findall(rf"^\s*{kind} (\S+) \{{(.*?)^\s*\}}", text, flags=re.M | re.S))
+
+
+def server_lines(body: str) -> list[str]:
+    return re.findall(r"^\s*server \S+ .*;", body, flags=re.M)
+
+
+def directive(body: str, name: str) -> list[str]:
+    (found,) = re.findall(rf"^\s*{name} ([^;]+);", body, flags=re.M)
+    return shlex.split(found)
+
+
+def test_nginx_runs_a_request_twice_only_when_the_replica_did_not_process_it() -> None:
+    from app import errors
+    from app.proxy import ERROR_CODE_HEADER
+
     conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
-    (directive,) = re.findall(r"^\s*proxy_next_upstream ([^;]+);", conf, flags=re.M)
-    conditions = set(shlex.split(directive))
-    assert conditions == {"error", "timeout", "http_503", "non_idempotent"}  # never http_500 / http_504
+    locations = nginx_blocks(conf, "location")
+    first, second = locations["@balance"], locations["@unprocessed"]
+    # first attempt: on to another replica only for connection errors and timeouts, and a POST only
+    # when it was not sent (no non_idempotent); no status is listed, so none counts as a failure
+    assert set(directive(first, "proxy_next_upstream")) == {"error", "timeout"}
+    assert directive(first, "proxy_pass") == ["http://vision"]
+    assert directive(first, "proxy_intercept_errors") == ["on"]
+    error_pages = re.findall(r"^\s*error_page (\d+) = (@\w+);", first, flags=re.M)
+    assert ("503", "@unprocessed") in error_pages
+    assert not {"413", "500", "400", "404"} & {status for status, _ in error_pages}  # the replicas' own pass
+    # second pass, after a 503: a 503 (not processed) moves on, nothing that was sent and failed
+    assert set(directive(second, "proxy_next_upstream")) == {"http_503", "non_idempotent"}
+    assert directive(second, "proxy_pass") == ["http://$vision_pool"]
+    # the pool by the replica's code: the service's own codes, in the header app/proxy.py sets
+    header_variable = "$upstream_http_" + ERROR_CODE_HEADER.lower().replace("-", "_")
+    maps = nginx_blocks(conf, "map " + re.escape(header_variable))
+    (pools,) = maps.values()
+    entries = dict(re.findall(r"^\s*(\S+)\s+(\S+);", pools, flags=re.M))
+    assert entries == {
+        "default": "vision_overflow",
+        errors.draining().code: "vision",
+        errors.not_ready("").code: "vision",
+    }
+    assert errors.overloaded("m").code not in entries and errors.overloaded("m").status_code == 503
     assert "proxy_request_buffering on;" in conf  # a POST can only be resent if it was buffered
     assert not re.search(r"^\s*(pid|user|daemon) ", conf, flags=re.M)  # the image's (and the test's) own
+
+
+def test_nginx_keeps_idle_connections_shorter_than_the_replicas() -> None:
+    upstream = (DEPLOY / "nginx" / "upstream.conf").read_text()
+    timeouts = {seconds(t) for t in re.findall(r"keepalive_timeout (\d+s);", upstream)}
+    assert timeouts and max(timeouts) < Settings.model_fields["keep_alive_s"].default

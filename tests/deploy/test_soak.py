@@ -137,3 +137,32 @@ def test_a_short_soak_end_to_end(stub_port: int, tmp_path: Path, capsys: pytest.
 def test_bad_arguments_exit_2(tmp_path: Path) -> None:
     assert main(["--port", "1", "--out", str(tmp_path / "x.json")]) == 2  # --port without --pid
     assert main(["--requests", "10", "--warmup", "10", "--out", str(tmp_path / "x.json")]) == 2
+
+
+# -- through the load balancer: a short run of the real thing (README: the 10,000-request one) ----
+
+
+@pytest.mark.slow
+def test_a_short_soak_through_nginx_with_a_restart(tmp_path: Path) -> None:
+    from bench.soak_lb import main as soak_lb_main
+
+    out = tmp_path / "soak_lb.json"
+    argv = ["--requests", "2000", "--warmup", "400", "--sample-every", "100", "--restart-at", "0.1"]
+    argv += ["--clients", "4", "--image-size", "160x120", "--max-rss-growth-pct", "10", "--out", str(out)]
+    code = soak_lb_main(argv)
+    result = json.loads(out.read_text())
+    assert result["schema"] == "vision-serve-soak-lb/1" and result["requests"] == 2000
+    # nothing lost while replica 2 drained, was down and came back
+    assert result["failed_requests"] == 0 and result["checks"]["all_answered_200"]
+    assert result["checks"]["restarted_midway"] and result["restart"]["error"] is None
+    processes = result["processes"]
+    assert [p["replica"] for p in processes] == ["replica-1", "replica-2", "replica-2"]
+    assert processes[1]["pid"] != processes[2]["pid"]
+    # the new process took traffic: it was sampled while requests kept coming, and judged
+    judged = [p for p in processes if "verdict" in p]
+    assert processes[0] in judged and processes[2] in judged, [p.get("not_judged") for p in processes]
+    for p in judged:
+        verdict = p["verdict"]
+        assert verdict["checks"]["fds_flat"] and verdict["checks"]["threads_flat"], (p["replica"], verdict)
+        assert verdict["checks"]["rss_growth"], (p["replica"], verdict["rss_kb"])
+    assert code == 0 and result["passed"]
