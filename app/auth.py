@@ -29,10 +29,9 @@ from collections.abc import Collection, Sequence
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import ApiError, error_body, unauthorized
+from app.errors import ApiError, error_response, unauthorized
 from app.routers.ui import STATIC_DIR, UI_PREFIX
 from app.settings import Settings
 
@@ -147,11 +146,7 @@ class ApiKeyMiddleware:
         state = scope.setdefault("state", {})
         state["error_code"] = error.code
         request_id = str(state.get("request_id") or "-")
-        response = JSONResponse(
-            error_body(error.code, error.message, request_id),
-            status_code=error.status_code,
-            headers=error.headers,
-        )
+        response = error_response(error.status_code, error.code, error.message, request_id, error.headers)
         await response(scope, receive, send)
 
 

@@ -8,9 +8,16 @@ below) anywhere in a request; the handlers in ``app.main`` turn it into that bod
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
+
+from starlette.responses import JSONResponse
 
 #: Seconds a client should wait before retrying a 503 (sent as ``Retry-After``).
 RETRY_AFTER_SECONDS = 1
+#: Every error answer repeats its body's ``code`` in this header: a proxy cannot read bodies, and
+#: must tell a replica that is draining or starting (``DRAINING``, ``NOT_READY``: out of rotation)
+#: from one that is full (``OVERLOADED``: a pool-wide overload must not empty the pool), all 503.
+ERROR_CODE_HEADER = "X-Error-Code"
 
 
 class ApiError(Exception):
@@ -99,3 +106,17 @@ def internal(message: str = "internal error; see the server log") -> ApiError:
 def error_body(code: str, message: str, request_id: str) -> dict[str, str]:
     """The contract's error JSON."""
     return {"error": message, "code": code, "request_id": request_id}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> JSONResponse:
+    """An error answer: the contract's body (plus ``extra`` fields), ``headers``, and the code in
+    :data:`ERROR_CODE_HEADER`."""
+    body = {**error_body(code, message, request_id), **(extra or {})}
+    return JSONResponse(body, status_code=status, headers={**(headers or {}), ERROR_CODE_HEADER: code})

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import add_api_key_auth, add_cors
-from app.errors import ApiError, error_body
+from app.errors import ApiError, error_response
 from app.inference import InferenceService
 from app.metrics import Metrics
 from app.proxy import add_proxy_support
@@ -102,9 +102,7 @@ def _error_response(
     request: Request, status: int, code: str, message: str, headers: Mapping[str, str]
 ) -> JSONResponse:
     request.state.error_code = code
-    return JSONResponse(
-        error_body(code, message, request_id_of(request)), status_code=status, headers=dict(headers)
-    )
+    return error_response(status, code, message, request_id_of(request), headers)
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -173,8 +171,8 @@ class RequestContextMiddleware:
             status = 500
             state["error_code"] = "INTERNAL"
             if not started:
-                body = error_body("INTERNAL", "internal error; see the server log", request_id)
-                await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+                answer = error_response(500, "INTERNAL", "internal error; see the server log", request_id)
+                await answer(scope, receive, send_with_id)
         finally:
             self._record(scope, state, status, time.perf_counter() - start)
 

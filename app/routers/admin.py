@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from app.deps import ServiceDep
-from app.errors import error_body
+from app.errors import error_response
 from app.reload import overall, reload_everywhere
 from app.schemas import ErrorBody, ReloadAnswer
 from app.settings import Settings
@@ -41,7 +41,7 @@ async def reload_models(request: Request, service: ServiceDep) -> JSONResponse:
         code = _FAILED[outcome]
         request.state.error_code = code
         message = "; ".join(str(r["error"]) for r in reports if r.get("error")) or outcome
-        return JSONResponse({**error_body(code, message, request.state.request_id), **body}, status_code=422)
+        return error_response(422, code, message, request.state.request_id, extra=body)
     return JSONResponse(body)
 
 

@@ -1,23 +1,19 @@
 """app/proxy.py: ``X-Forwarded-Prefix`` becomes the root path (/docs, the OpenAPI servers, the
-page's files under a proxy's prefix) and JSON error answers carry ``X-Error-Code``, on the real app
-and on small ASGI apps for the middleware's edge cases."""
+page's files under a proxy's prefix); and every error answer carries ``X-Error-Code``
+(``app.errors.error_response``), which deploy/nginx routes by."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from pathlib import Path
 
 import httpx
 import pytest
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
 
+from app.errors import ERROR_CODE_HEADER
 from app.main import create_app
-from app.proxy import ERROR_CODE_HEADER, ErrorCodeHeaderMiddleware, forwarded_prefix
+from app.proxy import forwarded_prefix
 from tests.app.harness import running, settings_for
 from tests.app.helpers import png
 
@@ -78,9 +74,7 @@ async def test_docs_openapi_and_page_files_under_the_prefix(client: httpx.AsyncC
 
 
 async def test_the_key_check_sees_paths_without_the_prefix(tmp_path: Path) -> None:
-    app = create_app(
-        settings_for(api_keys="k-1", models_file=tmp_path / "none.toml"), on_fatal=lambda e: None
-    )
+    app = create_app(settings_for(api_keys="k-1", models_file=tmp_path / "none.toml"))
     async with running(app, ready=False) as client:
         prefixed = {"X-Forwarded-Prefix": "/vision"}
         assert (await client.get("/health/live", headers=prefixed)).status_code == 200  # open path
@@ -94,11 +88,10 @@ async def test_the_key_check_sees_paths_without_the_prefix(tmp_path: Path) -> No
 
 
 async def test_the_services_503s_name_their_code(tmp_path: Path) -> None:
-    failures: list[BaseException] = []
-    app = create_app(settings_for(models_file=tmp_path / "none.toml"), on_fatal=failures.append)
+    app = create_app(settings_for(models_file=tmp_path / "none.toml"))
     async with running(app, ready=False) as client:
         for _ in range(200):
-            if failures:
+            if app.state.service.failure:
                 break
             await asyncio.sleep(0.02)
         starting = await client.post("/v1/classify", files={"file": ("a.png", png())})
@@ -117,53 +110,12 @@ async def test_other_errors_name_their_code_and_answers_do_not(client: httpx.Asy
     assert bad.status_code == 400 and bad.headers[ERROR_CODE_HEADER] == bad.json()["code"]
     good = await client.post("/v1/classify", files={"file": ("a.png", png())})
     assert good.status_code == 200 and ERROR_CODE_HEADER not in good.headers
+    no_route = await client.get("/nowhere")
+    assert no_route.status_code == 404 and no_route.headers[ERROR_CODE_HEADER] == "NOT_FOUND"
 
 
-def _edge_app() -> Starlette:
-    async def chunked(request: Request) -> Response:
-        async def parts() -> object:
-            yield b'{"error":"x",'
-            yield b'"code":"SPLIT_CODE","request_id":"r"}'
-
-        return StreamingResponse(parts(), status_code=503, media_type="application/json")  # type: ignore[arg-type]
-
-    async def huge(request: Request) -> Response:
-        async def parts() -> object:
-            for _ in range(100):
-                yield b" " * 1024
-            yield b'{"code":"LATE"}'
-
-        return StreamingResponse(parts(), status_code=500, media_type="application/json")  # type: ignore[arg-type]
-
-    routes = [
-        Route("/ok", lambda r: JSONResponse({"code": "NOT_AN_ERROR"})),
-        Route("/text", lambda r: PlainTextResponse("busy", status_code=503)),
-        Route("/lower", lambda r: JSONResponse({"code": "oops\r\nX-Evil: 1"}, status_code=500)),
-        Route("/list", lambda r: JSONResponse(["code"], status_code=500)),
-        Route("/chunked", chunked),
-        Route("/huge", huge),
-    ]
-    return Starlette(routes=routes, middleware=[])
-
-
-@pytest.mark.parametrize(
-    ("path", "status", "code"),
-    [
-        ("/ok", 200, None),  # only errors
-        ("/text", 503, None),  # only JSON
-        ("/lower", 500, None),  # only a contract-shaped code goes into a header
-        ("/list", 500, None),
-        ("/chunked", 503, "SPLIT_CODE"),  # a body in pieces is gathered
-        ("/huge", 500, None),  # past 64 KiB it is passed on as it comes
-    ],
-)
-async def test_error_code_header_edge_cases(path: str, status: int, code: str | None) -> None:
-    app = ErrorCodeHeaderMiddleware(_edge_app())
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-        answer = await client.get(path)
-    assert answer.status_code == status
-    assert answer.headers.get(ERROR_CODE_HEADER) == code
-    if path == "/chunked":
-        assert json.loads(answer.content)["code"] == "SPLIT_CODE"
-    if path == "/huge":
-        assert len(answer.content) == 100 * 1024 + len(b'{"code":"LATE"}')
+async def test_key_refusals_name_their_code(tmp_path: Path) -> None:
+    app = create_app(settings_for(api_keys="k-1", models_file=tmp_path / "none.toml"))
+    async with running(app, ready=False) as client:
+        refused = await client.get("/v1/models")
+        assert refused.status_code == 401 and refused.headers[ERROR_CODE_HEADER] == "UNAUTHORIZED"

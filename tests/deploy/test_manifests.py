@@ -288,7 +288,7 @@ def directive(body: str, name: str) -> list[str]:
 
 def test_nginx_runs_a_request_twice_only_when_the_replica_did_not_process_it() -> None:
     from app import errors
-    from app.proxy import ERROR_CODE_HEADER
+    from app.errors import ERROR_CODE_HEADER
 
     conf = (DEPLOY / "nginx" / "nginx.conf").read_text()
     locations = nginx_blocks(conf, "location")
