@@ -330,7 +330,7 @@ class InferenceService:
             batch_runner(predictor, self.decoder),
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000,
-            max_queue=settings.max_queue_images,
+            max_queue=settings.queue_share,
             metrics=self.metrics,
         )
 

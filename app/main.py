@@ -46,7 +46,7 @@ _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 400: "BAD_REQUEST", 
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the service for ``settings`` (the models of ``settings.models_file``)."""
-    metrics = Metrics()
+    metrics = Metrics(settings.metrics_dir)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -3,11 +3,20 @@
 Names follow Prometheus conventions (``_total`` counters, ``_seconds`` durations). ``endpoint`` is
 the route template (``/v1/models/{name}/predict``), never the raw path, and ``model`` is only ever a
 served model's name, so label sets stay bounded whatever clients send.
+
+With ``VISION_WORKERS`` > 1 the workers write their values to files in a shared folder
+(prometheus-client's multiprocess mode: the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for
+them), and ``/metrics``, whichever worker answers, reports the whole pool: counters and histograms
+summed over the workers (those of a worker that died included), the queue depth summed over the
+live ones, a model ready only when every live worker has it warm.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 #: Latency buckets (seconds) for whole requests and for single forward passes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -15,9 +24,11 @@ _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """The service's metrics, registered in a fresh :class:`CollectorRegistry`."""
+    """The service's metrics, registered in a fresh :class:`CollectorRegistry`; ``pool``: the
+    workers' shared folder of multiprocess values (None: this process alone)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: Path | None = None) -> None:
+        self.pool = pool
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -48,7 +59,11 @@ class Metrics:
             "vision_batch_size", "images in one forward pass", ["model"], buckets=_COUNT_BUCKETS, registry=r
         )
         self.queue_depth = Gauge(
-            "vision_queue_depth_images", "images waiting for a batch", ["model"], registry=r
+            "vision_queue_depth_images",
+            "images waiting for a batch",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_wait_seconds = Histogram(
             "vision_queue_wait_seconds",
@@ -61,12 +76,26 @@ class Metrics:
             "vision_rejects_total", "requests refused, by error code", ["reason"], registry=r
         )
         self.model_load_seconds = Gauge(
-            "vision_model_load_seconds", "time to load a model's checkpoint", ["model"], registry=r
+            "vision_model_load_seconds",
+            "time to load a model's checkpoint",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_warmup_seconds = Gauge(
-            "vision_model_warmup_seconds", "time of a model's warm-up forwards", ["model"], registry=r
+            "vision_model_warmup_seconds",
+            "time of a model's warm-up forwards",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
-        self.model_ready = Gauge("vision_model_ready", "1 once the model is warmed up", ["model"], registry=r)
+        self.model_ready = Gauge(
+            "vision_model_ready",
+            "1 once the model is warmed up",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.reloads = Counter(
             "vision_reloads_total",
             "models-file reloads, by outcome (applied, unchanged, failed, rejected)",
@@ -74,6 +103,17 @@ class Metrics:
             registry=r,
         )
 
+    def forget_model(self, name: str) -> None:
+        """A model that is no longer served (a reload removed it)."""
+        if self.pool is None:
+            self.model_ready.remove(name)
+        else:  # multiprocess files keep every series: it stays, as not ready
+            self.model_ready.labels(name).set(0)
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (of the whole pool of workers)."""
+        if self.pool is None:
+            return generate_latest(self.registry)
+        pool = CollectorRegistry()
+        MultiProcessCollector(pool, path=str(self.pool))  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
+        return generate_latest(pool)

@@ -197,7 +197,7 @@ async def _apply(service: InferenceService, report: ReloadReport) -> Outcome:
         service.metrics.model_ready.labels(model.name).set(1)
     for change in report.changes:
         if change.action == "removed":
-            service.metrics.model_ready.remove(change.model)
+            service.metrics.forget_model(change.model)
     service.in_background(_retire(service, retired))
     return "applied"
 

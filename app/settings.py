@@ -266,6 +266,19 @@ class Settings(BaseSettings):
         return _split_list(self.api_keys.get_secret_value())
 
     @property
+    def metrics_dir(self) -> Path | None:
+        """The workers' shared folder of Prometheus values (None: a single process)."""
+        return self.worker_dir / "metrics" if self.worker_dir is not None else None
+
+    @property
+    def queue_share(self) -> int:
+        """This process's share of ``max_queue_images``: all of it, or in a worker its 1/N, so the
+        pool queues what the setting says (never under ``max_files``: a full request must fit)."""
+        if self.worker_slot is None:
+            return self.max_queue_images
+        return max(self.max_files, -(-self.max_queue_images // self.workers))
+
+    @property
     def admin_key_list(self) -> tuple[str, ...]:
         """The admin keys (blanks dropped); empty: no /admin/ routes."""
         return _split_list(self.admin_api_keys.get_secret_value())

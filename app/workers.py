@@ -14,9 +14,10 @@ start failure every worker would repeat). A restarted worker warms up before it 
 (``VISION_WARM_BEFORE_LISTENING``), so it never answers 503 NOT_READY while the others are ready.
 
 The price of a socket per worker: the connections waiting in a dead worker's accept queue are reset
-(``net.ipv4.tcp_migrate_req=1``, Linux 5.14+, migrates them instead). The batch queue
-(``VISION_MAX_QUEUE_IMAGES``) and the metrics are per worker. On the CPU, workers split the cores:
-each gets ``VISION_TORCH_THREADS`` = cores / N unless it is set.
+(``net.ipv4.tcp_migrate_req=1``, Linux 5.14+, migrates them instead). Each worker queues its share
+of ``VISION_MAX_QUEUE_IMAGES`` (``Settings.queue_share``), and ``/metrics`` reports the pool
+(``app/metrics.py``). On the CPU, workers split the cores: each gets ``VISION_TORCH_THREADS`` =
+cores / N unless it is set.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
 
 log = logging.getLogger("app.workers")
 
@@ -86,11 +89,17 @@ def worker_environ(
     env["VISION_WORKERS"] = str(workers)
     env["VISION_WORKER_SLOT"] = str(slot)
     env["VISION_WORKER_DIR"] = str(folder)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_folder(folder))  # read by prometheus-client itself
     if restart:
         env["VISION_WARM_BEFORE_LISTENING"] = "true"
     if not env.get("VISION_TORCH_THREADS"):
         env["VISION_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     return env
+
+
+def metrics_folder(folder: Path) -> Path:
+    """Where the workers write their Prometheus values (``Settings.metrics_dir``)."""
+    return folder / "metrics"
 
 
 @dataclass
@@ -151,6 +160,8 @@ class Supervisor:
                 if code is None:
                     continue
                 del self.workers[slot]
+                # its live gauges go; prometheus-client leaves this function unannotated
+                mark_process_dead(process.pid, str(metrics_folder(self.folder)))  # type: ignore[no-untyped-call]
                 if self.stop_signal is not None:
                     continue  # stopping: each worker leaves in its own time
                 if code in START_FAILURES:  # bad settings / models / warm-up: every worker would repeat it
@@ -185,4 +196,5 @@ def serve_workers(host: str, port: int, count: int) -> int:
         print(f"vision-serve: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="vision-workers-") as folder:
+        metrics_folder(Path(folder)).mkdir()
         return Supervisor(sock, count, host, port, Path(folder)).run()

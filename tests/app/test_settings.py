@@ -133,3 +133,11 @@ def test_the_readme_lists_every_setting_once() -> None:
     rows = re.findall(r"^\| `(VISION_[A-Z0-9_]+)` \|", readme, flags=re.MULTILINE)
     fields = [settings_module.PREFIX + name.upper() for name in Settings.model_fields]
     assert sorted(rows) == sorted(fields)
+
+
+def test_each_worker_queues_its_share_of_the_pools_limit() -> None:
+    assert Settings(max_queue_images=64, max_files=8).queue_share == 64  # one process: all of it
+    worker = Settings(max_queue_images=64, max_files=8, workers=4, worker_slot=1)
+    assert worker.queue_share == 16  # 4 x 16 = the pool's 64
+    assert Settings(max_queue_images=64, max_files=32, workers=4, worker_slot=0).queue_share == 32
+    assert Settings(max_queue_images=65, max_files=8, workers=2, worker_slot=0).queue_share == 33

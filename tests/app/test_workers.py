@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,3 +206,42 @@ def test_worker_environment_splits_the_cores(tmp_path: Path) -> None:
         **{k.removeprefix("VISION_").lower(): v for k, v in env.items() if k.startswith("VISION_")},
     )
     assert settings.worker_slot == 3 and settings.workers == 4  # a worker serves: it does not supervise
+
+
+def pool_total(text: str, metric: str, **labels: str) -> float:
+    """The sum of ``metric``'s samples whose labels include ``labels`` in a /metrics text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(metric + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_report_the_whole_pool(workers: Workers) -> None:
+    """Whichever worker answers a scrape, /metrics counts every worker's requests: scraped while
+    three clients send 30 requests on fresh connections (spread over both workers), the totals
+    never go down, and afterwards every scrape reads exactly 30."""
+    results: list[int] = []
+    scrapes: list[float] = []
+
+    def client(offset: int) -> None:
+        for i in range(10):
+            files = {"file": (f"{i}.jpg", jpeg(seed=offset * 10 + i))}
+            results.append(httpx.post(f"{workers.base_url}/v1/classify", files=files, timeout=30).status_code)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        text = httpx.get(f"{workers.base_url}/metrics", timeout=10).text
+        scrapes.append(pool_total(text, "vision_requests_total", endpoint="/v1/classify", status="200"))
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 30
+    assert scrapes == sorted(scrapes), scrapes  # one pool-wide count, not one worker's or the other's
+    for _ in range(8):  # fresh connections: both workers answer some of these scrapes
+        text = httpx.get(f"{workers.base_url}/metrics", timeout=10).text
+        assert pool_total(text, "vision_requests_total", endpoint="/v1/classify", status="200") == 30
+        assert pool_total(text, "vision_images_per_request_count", model=CLASSIFIER) == 30
+        assert pool_total(text, "vision_model_ready", model=CLASSIFIER) == 1.0  # warm in every worker
