@@ -49,7 +49,8 @@ def test_defaults_by_mode_and_device(tmp_path: Path) -> None:
     assert quick.work_dir == tmp_path / "work"
     full = args_for()
     assert full.models == ["vgg16", "ssd300"]
-    assert full.ours == ["int8", "bf16"] and full.ceiling_precisions == ["int8", "bf16", "fp32"]
+    assert full.ours == ["int8", "bf16", "fp32"] and full.ceiling_precisions == ["int8", "bf16", "fp32"]
+    assert quick.ceiling_precisions == ["int8", "bf16", "fp32"]  # every anchor, also in the smoke test
     assert full.peer_precisions == ["fp32", "bf16"]  # the peers have no int8: their fastest float
     assert [lv.clients for lv in parse_levels(full.concurrency, "500x375")][:7] == [1, 2, 4, 8, 16, 32, 64]
     gpu = args_for("--device", "cuda", "--peers", "none")
@@ -64,7 +65,13 @@ def test_server_configurations(tmp_path: Path) -> None:
                     "--deadline-ms", "2000")  # fmt: skip
     configs = {c.label: c for c in Bench(args).server_configs("ssd300")}
     assert list(configs) == [
-        "ours int8", "ours bf16", "fastapi fp32", "fastapi bf16", "litserve fp32", "litserve bf16"
+        "ours int8",
+        "ours bf16",
+        "ours fp32",  # issue 15: ours at fp32 against the best fp32 runtime
+        "fastapi fp32",
+        "fastapi bf16",
+        "litserve fp32",
+        "litserve bf16",
     ]
     # int8 is calibrated at start on the bench's own calibration images; bf16 needs none
     assert configs["ours int8"].env["VISION_INT8_CALIBRATION_DIR"] == str(tmp_path / "work" / "calibration")
