@@ -51,10 +51,13 @@ from bench.load import (
     run_closed,
     run_open,
 )
-from bench.report import finish
+from bench.report import SERVICE_DEADLINE_MS, finish
 from bench.servers import ServerConfig, ServerProcess, ours_config, peer_config
 
 SCHEMA = "vision-serve-bench/1"
+#: Open-loop levels: requests unanswered at once before the client stops sending (it never queues).
+#: Far above what an overloaded server holds: ours rejects past its queue (VISION_MAX_QUEUE images).
+OPEN_MAX_IN_FLIGHT = 4096
 #: The precisions measured with OpenVINO too (the CPU's: fp16 has no fast CPU kernels).
 OPENVINO_PRECISIONS: tuple[str, ...] = ("int8", "bf16", "fp32")
 
@@ -151,9 +154,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         "ours": ["fp16"] if cuda else (["bf16"] if q else ["int8", "bf16", "fp32"]),
         "peers": [] if cuda else ["fastapi", "litserve"],
         "openvino": not cuda,
-        "ceiling_precisions": (
-            ["fp16", "bf16", "fp32"] if cuda else ["int8", "bf16", "fp32"]
-        ),
+        "ceiling_precisions": (["fp16", "bf16", "fp32"] if cuda else ["int8", "bf16", "fp32"]),
         "batches": ([1, 64] if q else list(GPU_BATCHES)) if cuda else ([1, 8] if q else list(CPU_BATCHES)),
         "concurrency": ("1,4" if q else ("32,128,256,32x8" if cuda else "1,2,4,8,16,32,64,16@1920x1080")),
         "peer_concurrency": "4" if q else "1,4,16,64",
@@ -371,9 +372,11 @@ class Bench:
                     max_requests=max(10, int(factor * capacity * a.level_seconds * 1.5) + 1),
                     arrival=a.arrival,
                     seed=round_,
-                    max_connections=max(64, 4 * max(lv.clients for lv in levels)),
+                    max_in_flight=OPEN_MAX_IN_FLIGHT,
                     timeout_s=a.timeout_s,
-                    drain_s=min(a.timeout_s, max(5.0, 2 * a.level_seconds)),
+                    # long enough for any request the server accepted to meet its deadline: what
+                    # is still unanswered after that is abandoned, and the overload target says so
+                    drain_s=min(a.timeout_s, (a.deadline_ms or SERVICE_DEADLINE_MS) / 1000 + 5),
                 )
                 cpu0 = server.cpu_seconds()
                 result = run_open(target, self.payloads(base), ocfg, a.client_processes)

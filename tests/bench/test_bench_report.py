@@ -22,9 +22,12 @@ def closed(c: int, ips: float, p50: float, p99: float, n503: int = 0, k: int = 1
     }  # fmt: skip
 
 
-def overload(errors: int = 0, p99: float = 900.0) -> dict[str, Any]:
+def overload(
+    errors: int = 0, p99: float = 900.0, abandoned: int = 0, offered: float = 80.0
+) -> dict[str, Any]:
     level = closed(1, 20.0, 500.0, p99, n503=50)
-    level.update(mode="open", rate_factor=4.0, errors=errors)
+    level.update(mode="open", rate_factor=4.0, errors=errors, abandoned=abandoned)
+    level.update(rate_target_rps=80.0, rate_offered_rps=offered, in_flight_max=70)
     return level
 
 
@@ -214,6 +217,24 @@ def test_overload_with_errors_or_late_answers_fails(results: dict[str, Any]) -> 
         run["open"][0]["latency_from_send_ms"] = {"p50": 300.0, "p99": 800.0}
     summary = summarize_model(results["models"]["vgg16"], "cpu", "500x375", deadline_ms=1000)
     assert next(t for t in summary["targets"] if "overload" in t["name"])["met"] is True
+
+
+def test_overload_counts_abandoned_requests_and_needs_the_load_offered(results: dict[str, Any]) -> None:
+    def target(**kwargs: Any) -> dict[str, Any]:
+        for run in results["models"]["vgg16"]["servers"]["ours bf16"]:
+            run["open"] = [overload(**kwargs)]
+        summary = summarize_model(results["models"]["vgg16"], "cpu", "500x375", deadline_ms=1000)
+        return next(t for t in summary["targets"] if "overload" in t["name"])
+
+    fine = target()
+    assert fine["met"] is True and fine["value"].startswith(
+        "offered 80.0 of 80.0 requests/s, in flight max 70;"
+    )
+    assert "errors 0," in fine["value"] and "abandoned 0," in fine["value"]
+    held = target(abandoned=3)  # not errors, but not answered nor refused within the level either
+    assert held["met"] is False and "abandoned 3," in held["value"] and "errors 0," in held["value"]
+    short = target(offered=60.0)  # the client fell behind its own schedule: no verdict on the server
+    assert short["met"] is None and "offered under 0.9" in short["note"]
 
 
 def test_gpu_target_uses_the_best_level_within_100ms(results: dict[str, Any]) -> None:
