@@ -271,7 +271,9 @@ def summarize_model(
                 and abandoned == 0  # held past the level's drain: neither answered nor refused in time
                 and (accepted_p99 is None or accepted_p99 <= deadline_ms)
             )
-            offered, wanted = lvl.get("rate_offered_rps"), lvl.get("rate_target_rps")
+            # against what the arrival process drew (a short Poisson level draws a few percent off)
+            offered = lvl.get("rate_offered_rps")
+            wanted = lvl.get("rate_scheduled_rps") or lvl.get("rate_target_rps")
             short = offered is not None and bool(wanted) and offered < MIN_OFFERED_FRACTION * wanted
             load = (
                 f"offered {offered} of {wanted} requests/s, in flight max {lvl.get('in_flight_max')}; "

@@ -281,7 +281,7 @@ class Bench:
         precisions = [p for p in a.ceiling_precisions if p in OPENVINO_PRECISIONS]
         argv = ["bench.openvino_ceiling", "--work-dir", str(a.work_dir), "--model", model]
         argv += ["--precisions", ",".join(precisions)]
-        argv += ["--batches", "8" if a.quick else "1,4,8", "--min-seconds", "2" if a.quick else "4"]
+        argv += ["--batches", ",".join(map(str, a.batches)), "--min-seconds", "2" if a.quick else "4"]
         doc["openvino"].append(self.subprocess_json(argv, raw, 600, {}))
 
     def server_configs(self, model: str) -> list[ServerConfig]:

@@ -27,7 +27,7 @@ def overload(
 ) -> dict[str, Any]:
     level = closed(1, 20.0, 500.0, p99, n503=50)
     level.update(mode="open", rate_factor=4.0, errors=errors, abandoned=abandoned)
-    level.update(rate_target_rps=80.0, rate_offered_rps=offered, in_flight_max=70)
+    level.update(rate_target_rps=85.0, rate_scheduled_rps=80.0, rate_offered_rps=offered, in_flight_max=70)
     return level
 
 
