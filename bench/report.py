@@ -150,7 +150,7 @@ def peak_bound(ceiling: Mapping[str, Any] | None, peer_ips: float | None) -> str
 def summarize_model(
     doc: Mapping[str, Any], device: str, base_size: str, deadline_ms: float
 ) -> dict[str, Any]:
-    """Ratios of one model's measurements against issue 4's targets."""
+    """Ratios of one model's measurements against the targets of issues 4 and 15."""
     servers = {label: merge_runs(runs) for label, runs in doc.get("servers", {}).items()}
     ceilings = {p: ceiling_best(doc.get("ceiling", []), p) for p in PRECISIONS}
     openvino = {p: ceiling_best(doc.get("openvino", []), p) for p in PRECISIONS}

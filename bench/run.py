@@ -400,6 +400,7 @@ class Bench:
             for model in a.models:
                 self.measure_model(model)
         finally:  # also when stopped (SIGTERM): report what was measured
+            self.results["elapsed_s"] = round(self.elapsed(), 1)
             table = finish(self.results, self.out)
             self.log(f"wrote results.json, table.md and latency_throughput.png in {self.out}")
         return table

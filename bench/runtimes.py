@@ -4,11 +4,11 @@ this project's torch FX int8 and OpenVINO int8 (NNCF), model only, with their fi
 Each runtime is what the service would run (:mod:`models.quantize` for FX int8,
 :mod:`models.openvino_runtime` for OpenVINO, both calibrated on the bench's calibration images
 through the model's own preprocessing) and is called the way the service calls it: one synchronous
-batch at a time. Timing is interleaved: every round times each runtime for ``--seconds`` in turn,
-and the medians over rounds are reported, so that load from other processes falls on all four
-alike. Fidelity is measured on the calibration images (in-sample) with
-:func:`models.quantize.agreement_report` against torch fp32, plus the share of fp32's detections
-that the candidate finds again at IoU >= 0.9.
+batch at a time. Timing is interleaved call by call (one call of each runtime per round), and both
+the median images/s and the median over rounds of each runtime's ratio to torch fp32 are reported,
+so that load from other processes falls on all four alike. Fidelity is measured on the calibration
+images (in-sample) with :func:`models.quantize.agreement_report` against torch fp32, plus the share
+of fp32's detections that the candidate finds again at IoU >= 0.9.
 
 ``python -m bench.runtimes --work-dir bench-results/work --models vgg16,ssd300 --json out.json``
 (the checkpoints and calibration images come from ``python -m bench.inputs``).
@@ -21,11 +21,11 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.ceiling import bench_spec, machine_info, time_forward, write_json
+from bench.ceiling import bench_spec, machine_info, write_json
 
 #: The runtimes, in the order they are timed within a round.
 RUNTIMES: tuple[str, ...] = ("torch fp32", "openvino fp32", "torch FX int8", "openvino int8")
@@ -71,25 +71,24 @@ def fidelity(predictors: dict[str, Any], images: Sequence[Any]) -> dict[str, dic
     return out
 
 
-def time_interleaved(
-    predictors: dict[str, Any], batch: int, rounds: int, seconds: float
-) -> dict[str, list[float]]:
-    """images/s of each runtime's network on a random batch of ``batch``, ``rounds`` times in turn."""
+def time_interleaved(predictors: dict[str, Any], batch: int, calls: int) -> dict[str, list[float]]:
+    """images/s of each call of each runtime's network on one random batch of ``batch``: after a
+    warm-up call each, ``calls`` rounds of one call per runtime in turn, so that load from other
+    processes falls on all of them alike."""
     import torch
 
     first = next(iter(predictors.values()))
     x = torch.randn(batch, 3, *first.info.input_size).contiguous(memory_format=torch.channels_last)
     rates: dict[str, list[float]] = {name: [] for name in predictors}
-    for r in range(rounds):
-        for name, predictor in predictors.items():
-
-            def forward(net: Callable[[Any], Any] = predictor.model) -> object:
-                return net(x)
-
-            with torch.inference_mode():
-                calls, elapsed = time_forward(forward, lambda: None, seconds, min_iters=1, warmup_iters=1)
-            rates[name].append(round(calls * batch / elapsed, 3))
-        print(f"  round {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in rates.items()), flush=True)
+    with torch.inference_mode():
+        for predictor in predictors.values():
+            predictor.model(x)
+        for r in range(calls):
+            for name, predictor in predictors.items():
+                t0 = time.perf_counter()
+                predictor.model(x)
+                rates[name].append(round(batch / (time.perf_counter() - t0), 3))
+            print(f"  call {r + 1}: " + ", ".join(f"{n} {v[-1]:.2f}" for n, v in rates.items()), flush=True)
     return rates
 
 
@@ -98,8 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("bench-results/work"))
     parser.add_argument("--models", default="vgg16,ssd300")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per runtime and round")
+    parser.add_argument("--calls", type=int, default=12, help="timed calls per runtime, interleaved")
     parser.add_argument("--threads", type=int, default=None, help="torch and OpenVINO threads (default: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -108,16 +106,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    doc: dict[str, Any] = {"batch": args.batch, "rounds": args.rounds, "seconds": args.seconds}
+    doc: dict[str, Any] = {"batch": args.batch, "calls": args.calls}
     doc.update(threads=threads, machine=machine_info(), models={})
     for model in filter(None, (m.strip() for m in args.models.split(","))):
         predictors, images = build_runtimes(args.work_dir, model, args.threads)
-        rates = time_interleaved(predictors, args.batch, args.rounds, args.seconds)
+        rates = time_interleaved(predictors, args.batch, args.calls)
         medians = {name: statistics.median(v) for name, v in rates.items()}
+        # per round, each runtime against torch fp32 timed next to it: steadier than the medians alone
+        ratios = {n: round(statistics.median(a / b for a, b in zip(v, rates[RUNTIMES[0]], strict=True)), 3)
+                  for n, v in rates.items()}  # fmt: skip
         doc["models"][model] = {
             "images_per_s": rates,
             "median_images_per_s": medians,
-            "vs_torch_fp32": {n: round(v / medians[RUNTIMES[0]], 3) for n, v in medians.items()},
+            "vs_torch_fp32_median_of_rounds": ratios,
             "fidelity_vs_torch_fp32": fidelity(predictors, images),
             "fidelity_images": len(images),
         }
