@@ -52,7 +52,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from bench.stats import latency_summary_ms, percentile
 
@@ -537,7 +537,7 @@ def _fan_out(
 
 def run_closed(
     target: Target, payloads: Sequence[Payload], cfg: ClosedConfig, processes: int = 1
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """One closed-loop level; ``processes`` > 1 splits the clients over that many client processes."""
     shares = _split(cfg.concurrency, processes)
     warmup = cfg.warmup_requests if cfg.warmup_requests is not None else cfg.concurrency
@@ -561,7 +561,7 @@ def run_closed(
 
 def run_open(
     target: Target, payloads: Sequence[Payload], cfg: OpenConfig, processes: int = 1
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """One open-loop level at ``cfg.rate_rps``; ``processes`` > 1 shares the rate between processes."""
     n = max(1, min(processes, cfg.max_in_flight))
     configs = [
@@ -608,7 +608,7 @@ def run_open(
     }
 
 
-def summarize(runs: Sequence[RawRun], payloads: Sequence[Payload]) -> dict[str, object]:
+def summarize(runs: Sequence[RawRun], payloads: Sequence[Payload]) -> dict[str, Any]:
     """Merge client processes' runs into one level record (see the module docstring).
 
     Throughput counts the successful (2xx) answers that ended inside the measurement window (the
@@ -705,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     headers = tuple((h.split(":", 1)[0].strip(), h.split(":", 1)[1].strip()) for h in args.header)
     target = Target(args.port, args.path, args.host, headers)
     payloads = payloads_from_files(args.image, args.body_format, args.images_per_request)
-    levels: list[dict[str, object]] = []
+    levels: list[dict[str, Any]] = []
     for c in args.concurrency:
         cfg = ClosedConfig(c, args.max_requests, args.max_seconds, timeout_s=args.timeout)
         levels.append(run_closed(target, payloads, cfg, args.processes))
@@ -719,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def format_level(level: dict[str, object]) -> str:
+def format_level(level: dict[str, Any]) -> str:
     """One line about a level, for logs."""
     lat = level["latency_ms"]
     assert isinstance(lat, dict)

@@ -17,6 +17,7 @@ from bench.load import (
     STATUS_TIMEOUT,
     ClosedConfig,
     OpenConfig,
+    Payload,
     Target,
     arrival_offsets,
     make_payload,
@@ -31,7 +32,7 @@ JPEG_A = b"\xff\xd8\xff\xe0fake-jpeg-A\xff\xd9"
 JPEG_B = b"\xff\xd8\xff\xe0fake-jpeg-B-longer\xff\xd9"
 
 
-def _payloads(k: int = 1) -> list:
+def _payloads(k: int = 1) -> list[Payload]:
     return [make_payload("a", [JPEG_A] * k), make_payload("b", [JPEG_B] * k)]
 
 

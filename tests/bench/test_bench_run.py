@@ -97,17 +97,23 @@ def test_server_configurations(tmp_path: Path) -> None:
     assert "--port" in ours.argv(1234) and ours.argv(1234)[-1] == "1234"
 
 
+def _red(image: Image.Image, xy: tuple[int, int]) -> int:
+    pixel = image.getpixel(xy)
+    assert isinstance(pixel, tuple)
+    return int(pixel[0])
+
+
 def test_fit_crops_to_the_aspect_ratio_then_resizes() -> None:
     image = Image.new("RGB", (640, 427))
     image.paste((255, 0, 0), (0, 0, 100, 427))  # a red band on the left
     wide = fit(image, 1920, 1080)
     assert wide.size == (1920, 1080)
     # 16:9 from 640x427: full width kept (crop top and bottom), so the red band is still there
-    assert wide.getpixel((10, 540))[0] > 200
+    assert _red(wide, (10, 540)) > 200
     narrow = fit(image, 500, 375)
     assert narrow.size == (500, 375)
     # 4:3 from 640x427: 569 columns kept, 35 cut each side: the band shrinks from 100 to ~65 px
-    assert narrow.getpixel((5, 187))[0] > 200 and narrow.getpixel((70, 187))[0] < 50
+    assert _red(narrow, (5, 187)) > 200 and _red(narrow, (70, 187)) < 50
 
 
 def test_bench_jpegs_come_from_packaged_photos(tmp_path: Path) -> None:
