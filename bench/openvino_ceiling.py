@@ -109,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from models import load_model
     from models.openvino_runtime import convert_network, quantize_network
-    from models.quantize import calibration_batches, load_calibration_images
+    from models.preprocess import calibration_batches
+    from models.quantize import load_calibration_images
 
     predictor = load_model(bench_spec(args.work_dir, args.model))  # fp32, as the converter wants
     input_size = predictor.info.input_size

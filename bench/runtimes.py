@@ -7,7 +7,7 @@ through the model's own preprocessing) and is called the way the service calls i
 batch at a time. Timing is interleaved call by call (one call of each runtime per round), and both
 the median images/s and the median over rounds of each runtime's ratio to torch fp32 are reported,
 so that load from other processes falls on all four alike. Fidelity is measured on the calibration
-images (in-sample) with :func:`models.quantize.agreement_report` against torch fp32, plus the share
+images (in-sample) with :func:`models.agreement.agreement_report` against torch fp32, plus the share
 of fp32's detections that the candidate finds again at IoU >= 0.9.
 
 ``python -m bench.runtimes --work-dir bench-results/work --models vgg16,ssd300 --json out.json``
@@ -57,13 +57,13 @@ def build_runtimes(work_dir: Path, model: str, threads: int | None) -> tuple[dic
 def fidelity(predictors: dict[str, Any], images: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """Each non-reference runtime against torch fp32 on ``images``: agreement_report's figures, and
     for detectors ``iou_0.9_recall``."""
-    from models.openvino_runtime import high_iou_recall, predictor_outputs
-    from models.quantize import agreement_report
+    from models.agreement import agreement_report, reference_outputs
+    from models.openvino_runtime import high_iou_recall
 
-    reference = predictor_outputs(predictors[RUNTIMES[0]], images)
+    reference = reference_outputs(predictors[RUNTIMES[0]], images)
     out: dict[str, dict[str, Any]] = {}
     for name in RUNTIMES[1:]:
-        candidate = predictor_outputs(predictors[name], images)
+        candidate = reference_outputs(predictors[name], images)
         report = agreement_report(reference, candidate)
         if isinstance(reference, list) and isinstance(candidate, list):
             report["iou_0.9_recall"] = high_iou_recall(reference, candidate)

@@ -23,6 +23,7 @@ a :class:`~models.errors.ModelConfigError` saying what to install.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,12 +39,13 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from models.agreement import agreement_report, reference_outputs
 from models.errors import ModelConfigError
-from models.predictors import Detector, Predictor
-from models.quantize import agreement_report, calibration_batches
-from models.types import DetectOutput, DetectParams
+from models.predictors import Predictor
+from models.preprocess import calibration_batches
+from models.types import DetectOutput
 
-P = TypeVar("P", bound="Predictor")
+P = TypeVar("P", bound="Predictor[Any, Any]")
 
 __all__ = [
     "OpenVINONetwork",
@@ -52,7 +54,6 @@ __all__ = [
     "compile_network",
     "convert_network",
     "high_iou_recall",
-    "predictor_outputs",
     "quantize_network",
     "require_openvino",
     "use_openvino",
@@ -272,32 +273,8 @@ def use_openvino(
     network.source = xml
     predictor.model = network
     if precision == "int8":
-        info.dtype = "int8"
+        predictor.info = dataclasses.replace(info, dtype="int8")  # info may be shared with a copy
     return predictor
-
-
-def predictor_outputs(
-    predictor: Predictor, images: Sequence[Image.Image], batch_size: int = 8
-) -> Tensor | list[DetectOutput]:
-    """What :func:`~models.quantize.agreement_report` compares: ``predictor``'s logits (classifier,
-    FloatTensor[N, C] on the CPU) or every detection, no threshold nor cap (detector, one
-    :class:`~models.types.DetectOutput` per image) on ``images``, through its own pre- and
-    post-processing."""
-    rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
-    batches = calibration_batches(rgb, predictor.preprocess, batch_size)
-    if isinstance(predictor, Detector):
-        params = DetectParams(score_threshold=0.0, max_detections=None)
-        outputs: list[DetectOutput] = []
-        for start, batch in zip(range(0, len(rgb), batch_size), batches, strict=True):
-            sizes = [image.size for image in rgb[start : start + batch_size]]
-            outputs.extend(predictor.predict(batch, sizes, [params] * len(sizes)))
-        return outputs
-    with torch.inference_mode():
-        logits = [
-            predictor.model(b.to(predictor.device, predictor.dtype, memory_format=torch.channels_last))
-            for b in batches
-        ]
-    return torch.cat(logits).float().cpu()
 
 
 def high_iou_recall(
@@ -334,15 +311,15 @@ def use_openvino_with_report(
     threads: int | None = None,
 ) -> tuple[P, dict[str, Any]]:
     """:func:`use_openvino`, plus how closely the OpenVINO network reproduces the torch fp32 one on the
-    first ``report_images`` of ``images``: :func:`~models.quantize.agreement_report` (fp32 torch as
+    first ``report_images`` of ``images``: :func:`~models.agreement.agreement_report` (fp32 torch as
     reference) and, for detectors, ``iou_0.9_recall`` (:func:`high_iou_recall`). For fp32 it is the
     fidelity check, for int8 the accuracy cost, measured in-sample on calibration images."""
     sample = list(images[:report_images])
     if not sample:
         raise ModelConfigError("the OpenVINO runtime's agreement check needs at least one image")
-    reference = predictor_outputs(predictor, sample)
+    reference = reference_outputs(predictor, sample)
     use_openvino(predictor, precision, images, cache_dir=cache_dir, threads=threads)
-    candidate = predictor_outputs(predictor, sample)
+    candidate = reference_outputs(predictor, sample)
     report = agreement_report(reference, candidate)
     if not isinstance(reference, Tensor) and not isinstance(candidate, Tensor):
         report[f"iou_{AGREEMENT_IOU:g}_recall"] = high_iou_recall(reference, candidate)

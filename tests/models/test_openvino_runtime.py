@@ -29,8 +29,8 @@ from models import (
     load_model,
 )
 from models import openvino_runtime as ovr
+from models.agreement import agreement_report
 from models.labels import VOC_CLASSES
-from models.quantize import agreement_report
 from tests import checkpoint_factory as cf
 
 TINY = 1 / 16
