@@ -46,8 +46,16 @@ PEAK_MATMUL_N = {"cpu": 2048, "cuda": 8192}
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "float32"}
 
 
+#: CPU flags that decide which runtime and precision is fastest (AVX2 only, AVX-512 with VNNI / BF16,
+#: AMX tiles): the machine line of every report names those present.
+ISA_FLAGS: tuple[str, ...] = (
+    "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",
+)  # fmt: skip
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, core count, Python and (when imported) torch version, GPU name."""
+    """CPU model and the :data:`ISA_FLAGS` it has, core count, Python and (when imported) torch
+    version, GPU name."""
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "cores": os.cpu_count(),
@@ -55,8 +63,11 @@ def machine_info() -> dict[str, Any]:
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and "cpu" not in info:
                 info["cpu"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["isa"] = [flag for flag in ISA_FLAGS if flag in flags]
                 break
     except OSError:
         pass

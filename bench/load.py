@@ -12,11 +12,18 @@ Two ways to load a server:
   the ``warmup_requests``-th answer, or the first after ``warmup_max_s``. It then runs for
   ``max_seconds`` or until ``max_requests`` were sent (warm-up included); requests in flight at
   its end are waited for (``drain_s``) but not counted.
-- **open loop** (:func:`run_open`): requests are scheduled at a fixed offered rate (Poisson or
-  uniform arrivals) whatever the server does; latency runs from the *scheduled* send time, so a
-  client stuck behind a slow server still counts the wait (no coordinated omission).
-  ``latency_from_send_ms`` is the server's part alone (from the actual send), and
-  ``send_lag_ms_p99`` how late requests left (waiting for a free connection or the client's CPU).
+- **open loop** (:func:`run_open`): requests are scheduled at a fixed rate (Poisson or uniform
+  arrivals) whatever the server does, and each is sent at its time on a connection of its own (an
+  idle keep-alive one, else a new one): the client never queues a request behind another. The only
+  bound is ``max_in_flight``; a request due while that many are unanswered is not sent at all and
+  counted as ``not_sent``, never delayed. The level reports the load it really offered
+  (``rate_offered_rps``: requests sent over the span in which they left, against
+  ``rate_target_rps``), the requests in flight it reached (``in_flight_max``, and
+  ``in_flight_mean`` over the sending)
+  and ``send_lag_ms_p99``, how late requests left their schedule (the client's CPU). Latency runs
+  from the *scheduled* send time (no coordinated omission); ``latency_from_send_ms`` is the
+  server's part alone. Requests still unanswered when the level ends (``drain_s`` after the last
+  send) are ``abandoned``: counted apart, neither errors nor timeouts.
 
 Both are bounded in request count and time and stop by themselves. Only loopback hosts are
 allowed (127.0.0.0/8, ``localhost``, ``::1``): :class:`Target` refuses anything else.
@@ -45,7 +52,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from bench.stats import latency_summary_ms, percentile
 
@@ -237,7 +244,9 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bool]:
 
 @dataclass
 class RawRun:
-    """What one client process measured: samples, the measurement window, its CPU seconds."""
+    """What one client process measured: samples, the measurement window, its CPU seconds; in open
+    loop also the requests scheduled, those not sent (``max_in_flight`` reached), the seconds over
+    which the sent ones left, and the in-flight maximum and time average."""
 
     samples: list[Sample]
     window_start: float
@@ -245,7 +254,11 @@ class RawRun:
     cpu_s: float
     warmup_included: bool = False
     abandoned: int = 0
-    offered: int = 0  # open loop: requests scheduled
+    scheduled: int = 0
+    not_sent: int = 0
+    send_span_s: float = 0.0
+    in_flight_max: int = 0
+    in_flight_mean: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -271,19 +284,20 @@ class ClosedConfig:
 @dataclass(frozen=True)
 class OpenConfig:
     """An open-loop level: ``rate_rps`` requests per second for ``duration_s`` (at most
-    ``max_requests``), through at most ``max_connections`` connections."""
+    ``max_requests``), at most ``max_in_flight`` unanswered at once (one connection each); answers
+    are awaited ``drain_s`` after the last send."""
 
     rate_rps: float
     duration_s: float = 10.0
     max_requests: int = 10_000
     arrival: Arrival = "poisson"
     seed: int = 0
-    max_connections: int = 256
+    max_in_flight: int = 4096
     timeout_s: float = 60.0
     drain_s: float | None = None  # None: timeout_s + 1
 
     def __post_init__(self) -> None:
-        if self.rate_rps <= 0 or self.duration_s <= 0 or self.max_requests < 1 or self.max_connections < 1:
+        if self.rate_rps <= 0 or self.duration_s <= 0 or self.max_requests < 1 or self.max_in_flight < 1:
             raise ValueError(f"bad open-loop bounds: {self}")
         if self.arrival not in ("poisson", "uniform"):
             raise ValueError(f"arrival must be poisson or uniform, got {self.arrival!r}")
@@ -371,6 +385,24 @@ async def _closed_loop(
     return RawRun(samples, start, end, time.process_time() - cpu0, warmup_included, len(pending))
 
 
+def _socket_budget(wanted: int) -> int:
+    """How many sockets this process may open for requests, up to ``wanted``: the soft open-files
+    limit is raised towards the hard one where it is lower, and 64 descriptors are kept back."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: no limit to raise
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + 64:
+        target = wanted + 64 if hard == resource.RLIM_INFINITY else min(hard, wanted + 64)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - 64))
+
+
 async def _open_loop(
     target: Target, payloads: Sequence[Payload], cfg: OpenConfig, seed_offset: int = 0
 ) -> RawRun:
@@ -379,32 +411,52 @@ async def _open_loop(
     offsets = arrival_offsets(
         cfg.rate_rps, cfg.duration_s, cfg.max_requests, cfg.arrival, cfg.seed + seed_offset
     )
+    max_in_flight = _socket_budget(cfg.max_in_flight)
     samples: list[Sample] = []
     idle: list[_Connection] = []
-    slots = asyncio.Semaphore(cfg.max_connections)
     cpu0 = time.process_time()
+    # in flight: sent (or being connected) and not answered; its integral over time gives the mean
+    flight = {"now": 0, "max": 0, "area": 0.0, "since": time.monotonic()}
 
-    finished = [False] * len(offsets)
+    def in_flight(change: int) -> None:
+        now = time.monotonic()
+        flight["area"] += flight["now"] * (now - flight["since"])
+        flight["since"] = now
+        flight["now"] += change
+        flight["max"] = max(flight["max"], flight["now"])
 
-    async def one(i: int, scheduled: float) -> None:
-        index = (i + seed_offset) % len(requests)
-        async with slots:
-            conn = idle.pop() if idle else _Connection(target.host, target.port)
-            sent = time.monotonic()
+    async def one(index: int, scheduled: float) -> None:
+        conn = idle.pop() if idle else _Connection(target.host, target.port)
+        sent = time.monotonic()
+        try:
             status, retry_after = await conn.roundtrip(requests[index], cfg.timeout_s)
-            end = time.monotonic()
-            if conn.writer is not None:
-                idle.append(conn)
-        finished[i] = True
-        samples.append(Sample(scheduled, end, status, payloads[index].images, retry_after, sent - scheduled))
+        except asyncio.CancelledError:  # abandoned at the end of the level
+            conn.close()
+            raise
+        finally:
+            in_flight(-1)
+        end = time.monotonic()
+        if conn.writer is not None:
+            idle.append(conn)
+        lag = max(0.0, sent - scheduled)  # the loop's timer may wake a fraction of a millisecond early
+        samples.append(Sample(scheduled, end, status, payloads[index].images, retry_after, lag))
 
     t0 = time.monotonic() + 0.01
     tasks: list[asyncio.Task[None]] = []
+    not_sent = 0
+    last_send = t0
     for i, offset in enumerate(offsets):
         delay = t0 + offset - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, t0 + offset)))
+        if flight["now"] >= max_in_flight:  # never queued in the client: not sent at all
+            not_sent += 1
+            continue
+        in_flight(+1)
+        last_send = time.monotonic()
+        tasks.append(asyncio.create_task(one((i + seed_offset) % len(requests), t0 + offset)))
+    in_flight(0)  # the mean is over the sending: the load the level offered, not its drain
+    in_flight_mean = flight["area"] / max(1e-9, flight["since"] - t0)
     pending: set[asyncio.Task[None]] = set()
     if tasks:
         _, pending = await asyncio.wait(tasks, timeout=drain_s)
@@ -414,20 +466,20 @@ async def _open_loop(
         await asyncio.wait(pending)
     for conn in idle:
         conn.close()
-    now = time.monotonic()
-    for i, offset in enumerate(offsets):  # abandoned: timeouts, from their scheduled time to now
-        if not finished[i]:
-            samples.append(
-                Sample(t0 + offset, now, STATUS_TIMEOUT, payloads[(i + seed_offset) % len(requests)].images)
-            )
     end = max((s.end for s in samples), default=t0)
+    window_end = max(end, t0 + cfg.duration_s)
     return RawRun(
         samples,
         t0,
-        max(end, t0 + cfg.duration_s),
+        window_end,
         time.process_time() - cpu0,
         abandoned=len(pending),
-        offered=len(offsets),
+        scheduled=len(offsets),
+        not_sent=not_sent,
+        # Poisson gaps: the schedule spans duration_s; sends that fell behind stretch it
+        send_span_s=max(cfg.duration_s, last_send - t0) if tasks else cfg.duration_s,
+        in_flight_max=int(flight["max"]),
+        in_flight_mean=in_flight_mean,
     )
 
 
@@ -485,7 +537,7 @@ def _fan_out(
 
 def run_closed(
     target: Target, payloads: Sequence[Payload], cfg: ClosedConfig, processes: int = 1
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """One closed-loop level; ``processes`` > 1 splits the clients over that many client processes."""
     shares = _split(cfg.concurrency, processes)
     warmup = cfg.warmup_requests if cfg.warmup_requests is not None else cfg.concurrency
@@ -509,9 +561,9 @@ def run_closed(
 
 def run_open(
     target: Target, payloads: Sequence[Payload], cfg: OpenConfig, processes: int = 1
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """One open-loop level at ``cfg.rate_rps``; ``processes`` > 1 shares the rate between processes."""
-    n = max(1, min(processes, cfg.max_connections))
+    n = max(1, min(processes, cfg.max_in_flight))
     configs = [
         OpenConfig(
             rate_rps=cfg.rate_rps / n,
@@ -519,7 +571,7 @@ def run_open(
             max_requests=max(1, cfg.max_requests // n),
             arrival=cfg.arrival,
             seed=cfg.seed + 1000 * i,
-            max_connections=max(1, cfg.max_connections // n),
+            max_in_flight=max(1, cfg.max_in_flight // n),
             timeout_s=cfg.timeout_s,
             drain_s=cfg.drain_s,
         )
@@ -527,16 +579,26 @@ def run_open(
     ]
     runs = _fan_out("open", target, payloads, configs)
     level = summarize(runs, payloads)
-    offered = sum(r.offered for r in runs)
+    scheduled = sum(r.scheduled for r in runs)
+    not_sent = sum(r.not_sent for r in runs)
     lags = [s.lag for r in runs for s in r.samples if s.status != STATUS_TIMEOUT]
     rejected = [s.end - s.start for r in runs for s in r.samples if s.status == 503]
     served = [s.end - s.start - s.lag for r in runs for s in r.samples if 200 <= s.status < 300]
     return {
         "mode": "open",
         "arrival": cfg.arrival,
-        "rate_offered_rps": round(offered / cfg.duration_s, 3),
         "rate_target_rps": cfg.rate_rps,
+        "rate_scheduled_rps": round(scheduled / cfg.duration_s, 3),
+        # what the server was really offered: requests sent, over the span in which they left
+        "rate_offered_rps": round(sum((r.scheduled - r.not_sent) / r.send_span_s for r in runs), 3),
         "rate_achieved_rps": level["requests_per_s"],
+        "scheduled": scheduled,
+        "sent": scheduled - not_sent,
+        "not_sent": not_sent,
+        "max_in_flight": cfg.max_in_flight,
+        # processes run side by side: their means add up; the sum of their maxima bounds the maximum
+        "in_flight_max": sum(r.in_flight_max for r in runs),
+        "in_flight_mean": round(sum(r.in_flight_mean for r in runs), 2),
         "client_processes": len(runs),
         "send_lag_ms_p99": round(percentile(lags, 99) * 1000, 3) if lags else None,
         # what the server took: from the actual send, without the client's wait for a connection
@@ -546,7 +608,7 @@ def run_open(
     }
 
 
-def summarize(runs: Sequence[RawRun], payloads: Sequence[Payload]) -> dict[str, object]:
+def summarize(runs: Sequence[RawRun], payloads: Sequence[Payload]) -> dict[str, Any]:
     """Merge client processes' runs into one level record (see the module docstring).
 
     Throughput counts the successful (2xx) answers that ended inside the measurement window (the
@@ -643,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     headers = tuple((h.split(":", 1)[0].strip(), h.split(":", 1)[1].strip()) for h in args.header)
     target = Target(args.port, args.path, args.host, headers)
     payloads = payloads_from_files(args.image, args.body_format, args.images_per_request)
-    levels: list[dict[str, object]] = []
+    levels: list[dict[str, Any]] = []
     for c in args.concurrency:
         cfg = ClosedConfig(c, args.max_requests, args.max_seconds, timeout_s=args.timeout)
         levels.append(run_closed(target, payloads, cfg, args.processes))
@@ -657,16 +719,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def format_level(level: dict[str, object]) -> str:
+def format_level(level: dict[str, Any]) -> str:
     """One line about a level, for logs."""
     lat = level["latency_ms"]
     assert isinstance(lat, dict)
-    what = f"c={level['concurrency']}" if level["mode"] == "closed" else f"rate={level['rate_offered_rps']}/s"
-    return (
+    what = f"c={level['concurrency']}" if level["mode"] == "closed" else f"rate={level['rate_target_rps']}/s"
+    line = (
         f"{level['mode']:6} {what:>12}  {level['images_per_s']:9.2f} img/s  "
         f"p50 {lat['p50']} ms  p99 {lat['p99']} ms  ok {level['ok']}  503 {level['n_503']}  "
         f"504 {level['n_504']}  errors {level['errors']}  client cpu {level['client_cpu_s']} s"
     )
+    if level["mode"] == "open":
+        line += (
+            f"  offered {level['rate_offered_rps']}/s  in flight max {level['in_flight_max']} "
+            f"mean {level['in_flight_mean']}  not sent {level['not_sent']}  abandoned {level['abandoned']}"
+        )
+    return line
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Stages, per model, each time-boxed, a failure recorded and the next stage run:
 1. inputs (once): the JPEGs and random full-size checkpoints (:mod:`bench.inputs`);
 2. the eager PyTorch ceiling at each precision (:mod:`bench.ceiling`, a process of its own with
    the allocator settings), every repeat;
-3. OpenVINO's model-only throughput (:mod:`bench.openvino_ceiling`), first repeat only (CPU);
+3. OpenVINO's model-only throughput (:mod:`bench.openvino_ceiling`) at the ceiling's precisions
+   (int8 quantized by NNCF on the same calibration images), first repeat only (CPU); the report's
+   bar for each precision is the faster of the two model-only runtimes;
 4. each server configuration, one process at a time: ours (``python -m app``) at each precision
    asked for, then the peers (plain FastAPI, LitServe) at fp32 and at ours' precision. Each is
    started, polled until ready, swept in closed loop over the clients levels, driven in open loop at
@@ -49,10 +51,15 @@ from bench.load import (
     run_closed,
     run_open,
 )
-from bench.report import finish
+from bench.report import SERVICE_DEADLINE_MS, finish
 from bench.servers import ServerConfig, ServerProcess, ours_config, peer_config
 
 SCHEMA = "vision-serve-bench/1"
+#: Open-loop levels: requests unanswered at once before the client stops sending (it never queues).
+#: Far above what an overloaded server holds: ours rejects past its queue (VISION_MAX_QUEUE images).
+OPEN_MAX_IN_FLIGHT = 4096
+#: The precisions measured with OpenVINO too (the CPU's: fp16 has no fast CPU kernels).
+OPENVINO_PRECISIONS: tuple[str, ...] = ("int8", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoints and JPEGs (default <out>/work)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument(
-        "--ours", type=_csv, default=None, help="our service's precisions (cpu: int8,bf16; cuda: fp16)"
+        "--ours", type=_csv, default=None, help="our service's precisions (cpu: int8,bf16,fp32; cuda: fp16)"
     )
     p.add_argument("--ours-env", action="append", default=[], help="KEY=VALUE for our service (repeatable)")
     p.add_argument(
@@ -144,12 +151,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     q = args.quick
     d: dict[str, Any] = {
         "models": ["vgg16"] if q else ["vgg16", "ssd300"],
-        "ours": ["fp16"] if cuda else (["bf16"] if q else ["int8", "bf16"]),
+        "ours": ["fp16"] if cuda else (["bf16"] if q else ["int8", "bf16", "fp32"]),
         "peers": [] if cuda else ["fastapi", "litserve"],
         "openvino": not cuda,
-        "ceiling_precisions": (
-            ["fp16", "bf16", "fp32"] if cuda else (["bf16", "fp32"] if q else ["int8", "bf16", "fp32"])
-        ),
+        "ceiling_precisions": (["fp16", "bf16", "fp32"] if cuda else ["int8", "bf16", "fp32"]),
         "batches": ([1, 64] if q else list(GPU_BATCHES)) if cuda else ([1, 8] if q else list(CPU_BATCHES)),
         "concurrency": ("1,4" if q else ("32,128,256,32x8" if cuda else "1,2,4,8,16,32,64,16@1920x1080")),
         "peer_concurrency": "4" if q else "1,4,16,64",
@@ -273,8 +278,10 @@ class Bench:
     def openvino(self, model: str, doc: dict[str, Any]) -> None:
         a = self.args
         raw = self.out / "raw" / f"openvino-{model}.json"
+        precisions = [p for p in a.ceiling_precisions if p in OPENVINO_PRECISIONS]
         argv = ["bench.openvino_ceiling", "--work-dir", str(a.work_dir), "--model", model]
-        argv += ["--batches", "8" if a.quick else "1,4,8", "--min-seconds", "2" if a.quick else "4"]
+        argv += ["--precisions", ",".join(precisions)]
+        argv += ["--batches", ",".join(map(str, a.batches)), "--min-seconds", "2" if a.quick else "4"]
         doc["openvino"].append(self.subprocess_json(argv, raw, 600, {}))
 
     def server_configs(self, model: str) -> list[ServerConfig]:
@@ -365,9 +372,11 @@ class Bench:
                     max_requests=max(10, int(factor * capacity * a.level_seconds * 1.5) + 1),
                     arrival=a.arrival,
                     seed=round_,
-                    max_connections=max(64, 4 * max(lv.clients for lv in levels)),
+                    max_in_flight=OPEN_MAX_IN_FLIGHT,
                     timeout_s=a.timeout_s,
-                    drain_s=min(a.timeout_s, max(5.0, 2 * a.level_seconds)),
+                    # long enough for any request the server accepted to meet its deadline: what
+                    # is still unanswered after that is abandoned, and the overload target says so
+                    drain_s=min(a.timeout_s, (a.deadline_ms or SERVICE_DEADLINE_MS) / 1000 + 5),
                 )
                 cpu0 = server.cpu_seconds()
                 result = run_open(target, self.payloads(base), ocfg, a.client_processes)
@@ -391,6 +400,7 @@ class Bench:
             for model in a.models:
                 self.measure_model(model)
         finally:  # also when stopped (SIGTERM): report what was measured
+            self.results["elapsed_s"] = round(self.elapsed(), 1)
             table = finish(self.results, self.out)
             self.log(f"wrote results.json, table.md and latency_throughput.png in {self.out}")
         return table

@@ -17,6 +17,7 @@ from bench.load import (
     STATUS_TIMEOUT,
     ClosedConfig,
     OpenConfig,
+    Payload,
     Target,
     arrival_offsets,
     make_payload,
@@ -31,7 +32,7 @@ JPEG_A = b"\xff\xd8\xff\xe0fake-jpeg-A\xff\xd9"
 JPEG_B = b"\xff\xd8\xff\xe0fake-jpeg-B-longer\xff\xd9"
 
 
-def _payloads(k: int = 1) -> list:
+def _payloads(k: int = 1) -> list[Payload]:
     return [make_payload("a", [JPEG_A] * k), make_payload("b", [JPEG_B] * k)]
 
 
@@ -165,21 +166,54 @@ def test_arrival_offsets() -> None:
 
 
 def test_open_loop_latency_runs_from_the_scheduled_time(fresh_server: TinyServer) -> None:
-    # 30 requests scheduled over 0.3 s, one connection, each answer 50 ms: the client cannot keep
-    # up, so requests wait; their latency must include that wait (no coordinated omission).
-    cfg = OpenConfig(rate_rps=100.0, duration_s=0.3, arrival="uniform", max_connections=1, timeout_s=10)
+    # 30 requests scheduled over 0.3 s, each answer 50 ms, one at a time: the server cannot keep up,
+    # so requests wait there; their latency must include that wait (no coordinated omission)
+    cfg = OpenConfig(rate_rps=100.0, duration_s=0.3, arrival="uniform", timeout_s=10)
     level = run_open(Target(fresh_server.port, "/delay50"), _payloads(), cfg)
-    assert level["ok"] == level["requests"] == 30 == fresh_server.count("/delay50")
-    assert level["rate_offered_rps"] == pytest.approx(100.0)
+    assert level["ok"] == level["requests"] == level["sent"] == 30 == fresh_server.count("/delay50")
+    assert level["rate_target_rps"] == 100.0 and level["rate_scheduled_rps"] == pytest.approx(100.0)
+    assert 0 < level["rate_offered_rps"] <= level["rate_scheduled_rps"] + 1e-6
     assert level["rate_achieved_rps"] < level["rate_offered_rps"]
     # the last request was scheduled at 0.29 s and served 30th: >= 30 x 50 ms after the start
     assert level["latency_ms"]["max"] >= 1000 * (30 * 0.05 - 0.3)
-    assert level["send_lag_ms_p99"] > 0
-    # the server's part alone leaves out the wait for the connection
-    assert level["latency_from_send_ms"]["max"] < level["latency_ms"]["max"]
+    assert (
+        level["send_lag_ms_p99"] >= 0 and level["latency_from_send_ms"]["max"] <= level["latency_ms"]["max"]
+    )
 
 
-def test_open_loop_abandons_what_the_drain_bound_cuts(fresh_server: TinyServer) -> None:
+def test_open_loop_sends_each_request_at_its_time_without_queueing(fresh_server: TinyServer) -> None:
+    # 10 requests scheduled within 0.1 s, none answered for 2 s: every one must be on the wire at
+    # once (a connection each), not waiting in the client for an earlier answer
+    cfg = OpenConfig(rate_rps=100.0, duration_s=0.1, arrival="uniform", timeout_s=10)
+    level = run_open(Target(fresh_server.port, "/slow"), _payloads(), cfg)
+    assert level["scheduled"] == level["sent"] == level["ok"] == 10 and level["not_sent"] == 0
+    assert level["in_flight_max"] == 10 == fresh_server.count("/slow")
+    assert 0 < level["in_flight_mean"] <= 10
+    assert level["errors"] == level["abandoned"] == 0
+
+
+def test_open_loop_drops_what_exceeds_its_in_flight_bound_instead_of_queueing_it(
+    fresh_server: TinyServer,
+) -> None:
+    cfg = OpenConfig(rate_rps=100.0, duration_s=0.1, arrival="uniform", max_in_flight=3, timeout_s=10)
+    level = run_open(Target(fresh_server.port, "/slow"), _payloads(), cfg)
+    # the first 3 are in flight for 2 s, long after the other 7 were due: those are not sent, ever
+    assert fresh_server.count("/slow") == 3 == level["sent"] == level["ok"] == level["in_flight_max"]
+    assert level["not_sent"] == 7 and level["scheduled"] == 10 and level["errors"] == 0
+
+
+def test_open_loop_reports_abandoned_requests_apart_from_errors(fresh_server: TinyServer) -> None:
+    # the drain bound (0.3 s after the last send) cuts requests the server answers after 2 s
     cfg = OpenConfig(rate_rps=20.0, duration_s=0.2, arrival="uniform", timeout_s=5, drain_s=0.3)
     level = run_open(Target(fresh_server.port, "/slow"), _payloads(), cfg)
-    assert level["abandoned"] == 4 and level["timeouts"] == 4 and level["ok"] == 0
+    assert level["abandoned"] == level["sent"] == 4 and level["ok"] == 0
+    assert level["timeouts"] == level["errors"] == level["requests"] == 0  # not the server's failures
+    assert level["latency_ms"]["p50"] is None
+
+
+def test_open_loop_client_processes_share_the_rate(fresh_server: TinyServer) -> None:
+    cfg = OpenConfig(rate_rps=40.0, duration_s=0.25, arrival="uniform", timeout_s=10)
+    level = run_open(Target(fresh_server.port, "/ok"), _payloads(), cfg, processes=2)
+    assert level["client_processes"] == 2 and level["rate_scheduled_rps"] == pytest.approx(40.0)
+    # (the level's window is where both processes measured: an early answer may fall before it)
+    assert level["sent"] == 10 == fresh_server.count("/ok") and level["ok"] > 0 and level["errors"] == 0
