@@ -503,10 +503,11 @@ def loop_name() -> str:
         return "asyncio"
 
 
-def _run_in_new_loop(
+def run_in_new_loop(
     coro_factory: str, target: Target, payloads: Sequence[Payload], cfg: ClosedConfig | OpenConfig, shard: int
 ) -> RawRun:
-    """Entry point of one client process (and of the single-process path)."""
+    """One load generator in a fresh event loop: each client process, the single-process path and
+    ``bench.soak`` run it."""
     loop = _new_loop()
     try:
         if coro_factory == "closed":
@@ -528,10 +529,10 @@ def _fan_out(
     kind: str, target: Target, payloads: Sequence[Payload], configs: Sequence[ClosedConfig | OpenConfig]
 ) -> list[RawRun]:
     if len(configs) == 1:
-        return [_run_in_new_loop(kind, target, payloads, configs[0], 0)]
+        return [run_in_new_loop(kind, target, payloads, configs[0], 0)]
     ctx = multiprocessing.get_context("spawn")  # children import bench.load only, not the caller's torch
     with concurrent.futures.ProcessPoolExecutor(len(configs), mp_context=ctx) as pool:
-        futures = [pool.submit(_run_in_new_loop, kind, target, payloads, c, i) for i, c in enumerate(configs)]
+        futures = [pool.submit(run_in_new_loop, kind, target, payloads, c, i) for i, c in enumerate(configs)]
         return [f.result() for f in futures]
 
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import ClosedConfig, Payload, Target, _run_in_new_loop, make_payload
+from bench.load import ClosedConfig, Payload, Target, run_in_new_loop, make_payload
 from bench.stats import latency_summary_ms
 
 SCHEMA = "vision-serve-soak/1"
@@ -115,7 +115,7 @@ def drive_round(
     config = ClosedConfig(
         concurrency=clients, max_requests=requests, max_seconds=max_seconds, warmup_requests=0
     )
-    run = _run_in_new_loop("closed", target, [payload], config, 0)  # every request's sample
+    run = run_in_new_loop("closed", target, [payload], config, 0)  # every request's sample
     statuses = Counter(sample.status for sample in run.samples)
     seconds = max(
         1e-9,

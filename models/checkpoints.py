@@ -97,6 +97,7 @@ __all__ = [
     "KeyProblem",
     "StateDictFit",
     "build_model",
+    "checked_fit",
     "detect_layout",
     "fit_state_dict",
     "project_checkpoint",
@@ -524,6 +525,14 @@ def _fit(path: Path, sd: Mapping[str, Tensor], family: Literal["vgg", "ssd"], la
         return fit_state_dict(sd, family)
     except ValueError as e:
         raise CheckpointError(f"{path} is in {layout}, but {e}") from None
+
+
+def checked_fit(path: Path, sd: Mapping[str, Tensor], family: Literal["vgg", "ssd"]) -> StateDictFit:
+    """:func:`fit_state_dict`, for a state_dict that must fit its network exactly (VGG in
+    torchvision's keys, SSD in the book's). Raises CheckpointError naming the tensors that do not."""
+    fit = _fit(path, sd, family, _LAYOUT_WORDS["vgg" if family == "vgg" else "ssd.pytorch"])
+    _check_fit(path, fit, len(sd), f"a {fit.num_classes}-class {fit.arch} of width {fit.width:g}")
+    return fit
 
 
 def _check_fit(

@@ -29,7 +29,9 @@ from torch import Tensor
 
 from models.checkpoints import (
     build_model,
+    checked_fit,
     detect_layout,
+    fit_state_dict,
     project_checkpoint,
     read_checkpoint,
     resolve_format,
@@ -39,9 +41,8 @@ from models.checkpoints import (
 from models.detect import BOOK_POSTPROCESS
 from models.errors import CheckpointError, ModelConfigError
 from models.preprocess import ClassifierTransform
-from models.ssd import book_to_torchvision, describe_ssd_state_dict, torchvision_to_book
+from models.ssd import book_to_torchvision, torchvision_to_book
 from models.types import ARCHS, FORMATS, ModelSpec, Task
-from models.vgg import describe_vgg_state_dict
 
 TARGETS = ("ssd.pytorch", "torchvision", "project")
 _LAYOUT_NAMES = {
@@ -105,10 +106,10 @@ def _inferred(obj: Any, layout: str) -> tuple[Task, str]:
         return obj["task"], obj["arch"]
     sd = unwrap_state_dict(obj)
     if layout in ("vgg", "vgg_bn"):
-        return "classify", describe_vgg_state_dict(sd).arch
+        return "classify", fit_state_dict(sd, "vgg").arch
     if layout == "torchvision-ssd":
         sd = torchvision_to_book(sd)
-    return "detect", f"ssd{describe_ssd_state_dict(sd).size}"
+    return "detect", fit_state_dict(sd, "ssd").arch
 
 
 def _rename(obj: Any, layout: str, to: str, src: Path) -> dict[str, Tensor]:
@@ -119,14 +120,14 @@ def _rename(obj: Any, layout: str, to: str, src: Path) -> dict[str, Tensor]:
     if layout in ("vgg", "vgg_bn"):
         if to != "torchvision":
             raise ConvertError(f"{src} is a VGG16 classifier, not an SSD: use --to torchvision or project")
-        describe_vgg_state_dict(sd)
+        checked_fit(src, sd, "vgg")
         return sd
     book = torchvision_to_book(sd) if layout == "torchvision-ssd" else sd
-    shape = describe_ssd_state_dict(book)  # raises ValueError listing what does not fit
+    arch = checked_fit(src, book, "ssd").arch
     if to == "ssd.pytorch":
         return book
-    if shape.size != 300:
-        raise ConvertError(f"{src} is an SSD{shape.size}; torchvision's layout exists for SSD300 only")
+    if arch != "ssd300":
+        raise ConvertError(f"{src} is an {arch.upper()}; torchvision's layout exists for SSD300 only")
     return book_to_torchvision(book)
 
 

@@ -30,9 +30,7 @@ __all__ = [
     "ExtraBlock",
     "L2Norm",
     "SSDConfig",
-    "SSDShape",
     "book_to_torchvision",
-    "describe_ssd_state_dict",
     "ssd300",
     "ssd512",
     "torchvision_to_book",
@@ -386,63 +384,3 @@ def torchvision_to_book(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of ``book_to_torchvision``; the round trip is the identity. Raises ValueError on a key
     that torchvision's SSD VGG16 layout does not have."""
     return {_tv_key_to_book(k): v for k, v in state_dict.items()}
-
-
-@dataclass(frozen=True)
-class SSDShape:
-    """What a book-layout state_dict says about its network."""
-
-    num_classes: int
-    size: int
-    width: float
-
-
-_CONFIG_BY_SOURCES: dict[int, SSDConfig] = {6: SSD300_VOC, 7: SSD512_VOC}
-
-
-def describe_ssd_state_dict(state_dict: Mapping[str, Tensor]) -> SSDShape:
-    """Infer (num_classes, input size, width) from book-layout keys (``module.`` prefixes already removed).
-
-    size: 300 with 6 loc heads, 512 with 7; width: out channels of ``vgg.0.weight`` / 64; num_classes: out
-    channels of ``conf.0.weight`` / boxes per location at source 0. Every tensor an SSD of that shape needs
-    is then checked by name and shape. Raises ValueError, in plain words, when the dict is not such an SSD.
-    Widths that are multiples of 1/64 describe exactly.
-    """
-    heads = 0
-    while f"loc.{heads}.weight" in state_dict:
-        heads += 1
-    config = _CONFIG_BY_SOURCES.get(heads)
-    if config is None:
-        raise ValueError(
-            f"this state_dict has {heads} SSD box heads (loc.N.weight); SSD300 has 6 and SSD512 has 7"
-        )
-    for key in ("vgg.0.weight", "conf.0.weight"):
-        if key not in state_dict:
-            raise ValueError(f"this state_dict has no {key!r}, so it is not a book / ssd.pytorch SSD")
-    width = state_dict["vgg.0.weight"].shape[0] / 64
-    per_location = config.boxes_per_location[0]
-    conf_out = state_dict["conf.0.weight"].shape[0]
-    if conf_out % per_location != 0 or conf_out // per_location < 2:
-        raise ValueError(
-            f"conf.0.weight has {conf_out} output channels, which is not {per_location} boxes times a class "
-            "count of at least 2"
-        )
-    num_classes = conf_out // per_location
-
-    with torch.device("meta"):  # shapes only, no memory
-        expected = SSD(num_classes, config, width).state_dict()
-    problems = [
-        f"{key} is missing"
-        if key not in state_dict
-        else f"{key} has shape {list(state_dict[key].shape)}, expected {list(t.shape)}"
-        for key, t in expected.items()
-        if key not in state_dict or state_dict[key].shape != t.shape
-    ]
-    problems += [f"{key} is not an SSD key" for key in state_dict if key not in expected]
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise ValueError(
-            f"this state_dict does not match an SSD{config.input_size} with {num_classes} classes "
-            f"and width {width}: {shown}"
-        )
-    return SSDShape(num_classes=num_classes, size=config.input_size, width=width)

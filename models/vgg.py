@@ -13,9 +13,6 @@ Architecture: Simonyan & Zisserman, "Very Deep Convolutional Networks", configur
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
@@ -116,27 +113,3 @@ def vgg16_bn(num_classes: int = 1000, width: float = 1.0) -> VGG:
 
 
 VGG_BUILDERS = {"vgg16": vgg16, "vgg16_bn": vgg16_bn}
-
-
-@dataclass(frozen=True)
-class VGGShape:
-    """What a VGG state_dict says about its network."""
-
-    arch: str  # "vgg16" or "vgg16_bn"
-    num_classes: int
-    width: float
-
-
-def describe_vgg_state_dict(sd: Mapping[str, Tensor]) -> VGGShape:
-    """Architecture, class count and width of a torchvision-layout VGG16 state_dict.
-
-    The width is read from the first conv (64 * width channels). Raises ValueError when the
-    keys are not a VGG16's (``features.0.weight`` and ``classifier.6.weight`` are needed).
-    """
-    try:
-        first = sd["features.0.weight"]
-        last = sd["classifier.6.weight"]
-    except KeyError as e:
-        raise ValueError(f"not a VGG16 state_dict: no {e.args[0]!r} key") from None
-    arch = "vgg16_bn" if "features.1.running_mean" in sd else "vgg16"
-    return VGGShape(arch=arch, num_classes=int(last.shape[0]), width=int(first.shape[0]) / 64)

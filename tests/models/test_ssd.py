@@ -8,15 +8,14 @@ from torch import nn
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.models.detection.ssd import SSD as TorchvisionSSD
 
+from models.checkpoints import fit_state_dict
 from models.ssd import (
     SSD,
     SSD300_COCO,
     SSD300_VOC,
     SSD512_VOC,
     SSDConfig,
-    SSDShape,
     book_to_torchvision,
-    describe_ssd_state_dict,
     ssd300,
     ssd512,
     torchvision_to_book,
@@ -188,24 +187,29 @@ def test_head_outputs_equal_torchvision(full_ssd300: SSD, torchvision_ssd: Torch
     ("num_classes", "config", "width"),
     [(21, SSD300_VOC, 1.0), (91, SSD300_COCO, 1.0), (5, SSD512_VOC, 0.25), (2, SSD300_VOC, 1 / 64)],
 )
-def test_describe_state_dict(num_classes: int, config: SSDConfig, width: float) -> None:
+def test_fit_state_dict_reads_an_ssd(num_classes: int, config: SSDConfig, width: float) -> None:
     with torch.device("meta"):
         state = SSD(num_classes, config, width).state_dict()
-    assert describe_ssd_state_dict(state) == SSDShape(num_classes, config.input_size, width)
+    fit = fit_state_dict(state, "ssd")
+    assert (fit.arch, fit.num_classes, fit.width, fit.problems) == (
+        f"ssd{config.input_size}",
+        num_classes,
+        width,
+        (),
+    )
 
 
-def test_describe_rejects_non_ssd_state_dicts() -> None:
+def test_fit_state_dict_names_what_does_not_fit_an_ssd() -> None:
     with torch.device("meta"):
         state = ssd300(21).state_dict()
-    with pytest.raises(ValueError, match="SSD300 has 6 and SSD512 has 7"):
-        describe_ssd_state_dict({k: v for k, v in state.items() if not k.startswith("loc.5")})
-    with pytest.raises(ValueError, match=r"conf\.0\.weight"):
-        describe_ssd_state_dict({k: v for k, v in state.items() if k != "conf.0.weight"})
-    with pytest.raises(ValueError, match="85 output channels"):
-        describe_ssd_state_dict({**state, "conf.0.weight": torch.empty(85, 512, 3, 3, device="meta")})
-    with pytest.raises(ValueError, match=r"vgg\.2\.weight has shape \[64, 32, 3, 3\]"):
-        describe_ssd_state_dict({**state, "vgg.2.weight": torch.empty(64, 32, 3, 3, device="meta")})
-    with pytest.raises(ValueError, match=r"extras\.1\.bias is missing"):
-        describe_ssd_state_dict({k: v for k, v in state.items() if k != "extras.1.bias"})
-    with pytest.raises(ValueError, match="not an SSD key"):
-        describe_ssd_state_dict({**state, "classifier.6.weight": torch.empty(2, 4096, device="meta")})
+
+    def problems(sd: dict[str, torch.Tensor]) -> set[tuple[str, object, object]]:
+        return {(p.key, p.found, p.expected) for p in fit_state_dict(sd, "ssd").problems}
+
+    assert problems({k: v for k, v in state.items() if k != "extras.1.bias"}) == {
+        ("extras.1.bias", None, (256,))
+    }
+    wrong = {**state, "vgg.2.weight": torch.empty(64, 32, 3, 3, device="meta")}
+    assert problems(wrong) == {("vgg.2.weight", (64, 32, 3, 3), (64, 64, 3, 3))}
+    extra = {**state, "classifier.6.weight": torch.empty(2, 4096, device="meta")}
+    assert problems(extra) == {("classifier.6.weight", (2, 4096), None)}

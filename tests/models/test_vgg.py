@@ -13,9 +13,10 @@ from torchvision import transforms as T
 from torchvision.models import VGG16_Weights
 
 from models import ModelSpec, load_model
+from models.checkpoints import fit_state_dict
 from models.labels import IMAGENET_CATEGORIES
 from models.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from models.vgg import VGGShape, describe_vgg_state_dict, vgg16, vgg16_bn
+from models.vgg import vgg16, vgg16_bn
 from tests import checkpoint_factory as cf
 
 
@@ -23,8 +24,9 @@ def _shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [(vgg16, torchvision.models.vgg16),
-                                              (vgg16_bn, torchvision.models.vgg16_bn)])
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [(vgg16, torchvision.models.vgg16), (vgg16_bn, torchvision.models.vgg16_bn)]
+)
 def test_width_one_has_torchvisions_keys_shapes_and_modules(ours, theirs) -> None:  # type: ignore[no-untyped-def]
     with torch.device("meta"):
         a, b = ours(), theirs(weights=None)
@@ -44,11 +46,16 @@ def test_num_classes_and_width_scale_every_layer() -> None:
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 2)
 
 
-def test_describe_vgg_state_dict() -> None:
-    assert describe_vgg_state_dict(cf.vgg16_state_dict(1000, 1 / 16)) == VGGShape("vgg16", 1000, 1 / 16)
-    assert describe_vgg_state_dict(cf.vgg16_state_dict(2, 1 / 8, bn=True)) == VGGShape("vgg16_bn", 2, 1 / 8)
-    with pytest.raises(ValueError, match=r"classifier\.6\.weight"):
-        describe_vgg_state_dict({"features.0.weight": torch.zeros(64, 3, 3, 3)})
+def test_fit_state_dict_reads_a_vgg() -> None:
+    def read(sd: dict[str, torch.Tensor]) -> tuple[str, int, float]:
+        fit = fit_state_dict(sd, "vgg")
+        assert not fit.problems
+        return fit.arch, fit.num_classes, fit.width
+
+    assert read(cf.vgg16_state_dict(1000, 1 / 16)) == ("vgg16", 1000, 1 / 16)
+    assert read(cf.vgg16_state_dict(2, 1 / 8, bn=True)) == ("vgg16_bn", 2, 1 / 8)
+    with pytest.raises(ValueError, match="class"):
+        fit_state_dict({"features.0.weight": torch.zeros(64, 3, 3, 3)}, "vgg")
 
 
 def _torchvision_model(builder, path: Path) -> nn.Module:  # type: ignore[no-untyped-def]
@@ -90,8 +97,9 @@ def test_imagenet_classifier_equals_torchvision(full_tv_vgg16: Path, china: Imag
 def test_vgg16_bn_equals_torchvision(ckpt_dir: Path, flower: Image.Image) -> None:
     path = cf.write_torchvision_vgg16_bn(ckpt_dir / "full" / "vgg16_bn.pth", seed=4)
     assert len(torch.load(path, map_location="cpu", weights_only=True)) == 84  # no num_batches_tracked
-    clf = load_model(ModelSpec(name="bn", task="classify", arch="vgg16_bn", format="torchvision",
-                               weights=path))
+    clf = load_model(
+        ModelSpec(name="bn", task="classify", arch="vgg16_bn", format="torchvision", weights=path)
+    )
     tv = _torchvision_model(torchvision.models.vgg16_bn, path)
     x = clf.preprocess(flower)[None]
     expected = _torchvision_probs(tv, x)[0]
@@ -103,14 +111,23 @@ def test_vgg16_bn_equals_torchvision(ckpt_dir: Path, flower: Image.Image) -> Non
 
 
 @pytest.mark.slow
-def test_book_fine_tuned_classifier_equals_the_books_code(ckpt_dir: Path, china: Image.Image,
-                                                          flower: Image.Image) -> None:
+def test_book_fine_tuned_classifier_equals_the_books_code(
+    ckpt_dir: Path, china: Image.Image, flower: Image.Image
+) -> None:
     """The chapter 1 file (classifier.6 = Linear(4096, 2), saved from cuda:0) answers as the book's
     inference does: vgg16 with a replaced classifier[6], map_location={'cuda:0': 'cpu'}, the 'val'
     transform (Resize(224), CenterCrop(224), ToTensor, Normalize), softmax."""
     path = cf.write_book_vgg16(ckpt_dir / "full" / "weights_fine_tuning.pth", seed=5)
-    clf = load_model(ModelSpec(name="ants-bees", task="classify", arch="vgg16", format="state_dict",
-                               weights=path, labels=("ants", "bees")))
+    clf = load_model(
+        ModelSpec(
+            name="ants-bees",
+            task="classify",
+            arch="vgg16",
+            format="state_dict",
+            weights=path,
+            labels=("ants", "bees"),
+        )
+    )
     assert clf.info.labels == ["ants", "bees"] and clf.info.format == "state_dict"
 
     with torch.device("meta"):  # skip the random init of 138M parameters
