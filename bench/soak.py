@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import ClosedConfig, Payload, Target, run_in_new_loop, make_payload
+from bench.load import ClosedConfig, Payload, Target, make_payload, run_in_new_loop
 from bench.stats import latency_summary_ms
 
 SCHEMA = "vision-serve-soak/1"

@@ -207,7 +207,7 @@ def test_fit_state_dict_names_what_does_not_fit_an_ssd() -> None:
         return {(p.key, p.found, p.expected) for p in fit_state_dict(sd, "ssd").problems}
 
     assert problems({k: v for k, v in state.items() if k != "extras.1.bias"}) == {
-        ("extras.1.bias", None, (256,))
+        ("extras.1.bias", None, (512,))
     }
     wrong = {**state, "vgg.2.weight": torch.empty(64, 32, 3, 3, device="meta")}
     assert problems(wrong) == {("vgg.2.weight", (64, 32, 3, 3), (64, 64, 3, 3))}
