@@ -24,6 +24,7 @@ Checkpoints and images live in ``--work-dir`` (default ``<out>/work``) and are r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -104,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ours", type=_csv, default=None, help="our service's precisions (cpu: int8,bf16,fp32; cuda: fp16)"
     )
     p.add_argument("--ours-env", action="append", default=[], help="KEY=VALUE for our service (repeatable)")
+    p.add_argument(
+        "--ours-baseline",
+        type=Path,
+        default=None,
+        help="a checkout of another commit (git worktree): each ours configuration also runs from it, "
+        "labelled '(baseline)', in the same rounds, to compare two versions of the service side by side",
+    )
     p.add_argument(
         "--ours-workers",
         type=lambda s: [int(x) for x in _csv(s)],
@@ -304,6 +312,11 @@ class Bench:
                     env["VISION_WORKERS"] = str(workers)
                     label += f" x{workers} workers"
                 configs.append(ours_config(label, a.work_dir, model, p, a.device, env, headers))
+                if a.ours_baseline is not None:
+                    baseline = ours_config(
+                        f"{label} (baseline)", a.work_dir, model, p, a.device, env, headers
+                    )
+                    configs.append(dataclasses.replace(baseline, cwd=a.ours_baseline.resolve()))
         for kind in a.peers:
             for precision in a.peer_precisions:
                 careful = precision != "fp32" and a.allocator == "careful"

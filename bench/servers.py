@@ -41,6 +41,7 @@ class ServerConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     body_format: str = "multipart"
     headers: tuple[tuple[str, str], ...] = ()
+    cwd: Path | None = None  # ours from another checkout (``python -m app`` imports the cwd's app)
 
     def argv(self, port: int) -> list[str]:
         return [sys.executable, "-m", self.module, *self.args, "--port", str(port)]
@@ -106,6 +107,7 @@ class ServerProcess:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 self.config.argv(self.port),
+                cwd=self.config.cwd,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

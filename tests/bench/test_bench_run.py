@@ -95,6 +95,18 @@ def test_server_configurations(tmp_path: Path) -> None:
     assert dict(configs["litserve bf16"].env) == ALLOCATOR_ENV
     assert "--max-batch-size" in configs["litserve bf16"].args
     assert "--port" in ours.argv(1234) and ours.argv(1234)[-1] == "1234"
+    assert ours.cwd is None  # ours from this checkout
+
+
+def test_a_baseline_checkout_runs_beside_ours(tmp_path: Path) -> None:
+    args = args_for(
+        "--out", str(tmp_path), "--ours", "int8,fp32", "--peers", "none", "--ours-baseline", "../old"
+    )
+    configs = {c.label: c for c in Bench(args).server_configs("vgg16")}
+    assert list(configs) == ["ours int8", "ours int8 (baseline)", "ours fp32", "ours fp32 (baseline)"]
+    baseline = configs["ours int8 (baseline)"]
+    assert baseline.cwd == Path("../old").resolve() and configs["ours int8"].cwd is None
+    assert dict(baseline.env) == dict(configs["ours int8"].env)  # the same settings, the other code
 
 
 def _red(image: Image.Image, xy: tuple[int, int]) -> int:
