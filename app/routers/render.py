@@ -13,10 +13,12 @@ error body. Headers: ``X-Request-ID`` (as everywhere), ``X-Model``, and ``X-Dete
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from PIL import Image
 from pydantic import BaseModel
 
 from app.deps import DeadlineDep, ServiceDep
@@ -68,23 +70,7 @@ async def detect_render(
     ``box_format`` and ``normalized`` are accepted (the query of ``/v1/detect``) and change nothing.
     """
     model = service.require_registry().detector(query.model)
-    media_type = _media_type(request)
-    result = await _run_one(request, service, model, query, deadline)
-    labels = model.labels
-
-    def draw() -> bytes:
-        output, image = result.output, result.image
-        assert image is not None
-        boxes = [
-            DrawnBox((box[0], box[1], box[2], box[3]), class_id, labels[class_id], score)
-            for box, class_id, score in zip(
-                output.boxes.float().tolist(), output.class_ids.tolist(), output.scores.tolist(), strict=True
-            )
-        ]
-        return encode(draw_detections(image, boxes), media_type)
-
-    body = await service.run_cpu(draw)
-    return _image_response(body, media_type, model, {"X-Detections": str(len(result.output.scores))})
+    return await _render(request, service, model, query, deadline, draw_boxes, "X-Detections")
 
 
 @router.post("/v1/classify/render", **_POST)
@@ -96,21 +82,43 @@ async def classify_render(
 ) -> Response:
     """Classify one image and return it with the top-k labels, scores and bars drawn."""
     model = service.require_registry().classifier(query.model)
+    return await _render(request, service, model, query, deadline, draw_top_k, "X-Predictions")
+
+
+def draw_boxes(image: Image.Image, output: DetectOutput, labels: Sequence[str]) -> Image.Image:
+    boxes = [
+        DrawnBox((box[0], box[1], box[2], box[3]), class_id, labels[class_id], score)
+        for box, class_id, score in zip(
+            output.boxes.float().tolist(), output.class_ids.tolist(), output.scores.tolist(), strict=True
+        )
+    ]
+    return draw_detections(image, boxes)
+
+
+def draw_top_k(image: Image.Image, output: ClassifyOutput, labels: Sequence[str]) -> Image.Image:
+    top = [
+        DrawnLabel(class_id, labels[class_id], score)
+        for class_id, score in zip(output.class_ids.tolist(), output.scores.tolist(), strict=True)
+    ]
+    return draw_predictions(image, top)
+
+
+async def _render(
+    request: Request,
+    service: InferenceService,
+    model: ServedModel[OptT, OutT],
+    parameters: BaseModel,
+    deadline: float,
+    draw: Callable[[Image.Image, OutT, Sequence[str]], Image.Image],
+    count_header: str,
+) -> Response:
+    """Negotiate the type (406 first), run the one image, draw and encode in the decode threads."""
     media_type = _media_type(request)
-    result = await _run_one(request, service, model, query, deadline)
-    labels = model.labels
-
-    def draw() -> bytes:
-        output, image = result.output, result.image
-        assert image is not None
-        top = [
-            DrawnLabel(class_id, labels[class_id], score)
-            for class_id, score in zip(output.class_ids.tolist(), output.scores.tolist(), strict=True)
-        ]
-        return encode(draw_predictions(image, top), media_type)
-
-    body = await service.run_cpu(draw)
-    return _image_response(body, media_type, model, {"X-Predictions": str(len(result.output.scores))})
+    result = await _run_one(request, service, model, parameters, deadline)
+    image, labels = result.image, model.labels
+    assert image is not None  # kept by _run_one
+    body = await service.run_cpu(lambda: encode(draw(image, result.output, labels), media_type))
+    return _image_response(body, media_type, model, {count_header: str(len(result.output.scores))})
 
 
 def _image_response(
