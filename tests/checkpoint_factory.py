@@ -131,8 +131,13 @@ class _Weights:
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
-def vgg16_state_dict(num_classes: int = 1000, width: float = 1.0, bn: bool = False, seed: int = 0,
-                     num_batches_tracked: bool = True) -> dict[str, Tensor]:
+def vgg16_state_dict(
+    num_classes: int = 1000,
+    width: float = 1.0,
+    bn: bool = False,
+    seed: int = 0,
+    num_batches_tracked: bool = True,
+) -> dict[str, Tensor]:
     """torchvision ``vgg16`` / ``vgg16_bn`` state_dict (keys in torchvision's order).
     ``num_batches_tracked=False`` leaves out BatchNorm's counters, as files saved before torch
     0.4.1 (torchvision's ``vgg16_bn-6c64b313.pth``) do."""
@@ -155,28 +160,38 @@ def vgg16_state_dict(num_classes: int = 1000, width: float = 1.0, bn: bool = Fal
             idx += 2
         inp = out
     hidden = _c(4096, width)
-    for i, (out, fan_in) in zip((0, 3, 6), ((hidden, inp * 49), (hidden, hidden), (num_classes, hidden)),
-                                strict=True):
+    for i, (out, fan_in) in zip(
+        (0, 3, 6), ((hidden, inp * 49), (hidden, hidden), (num_classes, hidden)), strict=True
+    ):
         sd[f"classifier.{i}.weight"], sd[f"classifier.{i}.bias"] = rnd.linear(out, fan_in)
     return sd
 
 
-def write_torchvision_vgg16(path: Path, *, num_classes: int = 1000, width: float = 1.0,
-                            seed: int = 0) -> Path:
+def write_torchvision_vgg16(
+    path: Path, *, num_classes: int = 1000, width: float = 1.0, seed: int = 0
+) -> Path:
     """torchvision's ImageNet VGG16 file (``vgg16-397923af.pth``: 32 tensors, legacy format)."""
     return _save(vgg16_state_dict(num_classes, width, False, seed), path, legacy=True, gpu=False)
 
 
-def write_torchvision_vgg16_bn(path: Path, *, num_classes: int = 1000, width: float = 1.0,
-                               seed: int = 0) -> Path:
+def write_torchvision_vgg16_bn(
+    path: Path, *, num_classes: int = 1000, width: float = 1.0, seed: int = 0
+) -> Path:
     """torchvision's ImageNet VGG16-BN file (``vgg16_bn-6c64b313.pth``: 84 tensors, no
     ``num_batches_tracked``, legacy format)."""
     sd = vgg16_state_dict(num_classes, width, True, seed, num_batches_tracked=False)
     return _save(sd, path, legacy=True, gpu=False)
 
 
-def write_book_vgg16(path: Path, *, num_classes: int = 2, width: float = 1.0, seed: int = 0,
-                     gpu: bool = True, legacy: bool = True) -> Path:
+def write_book_vgg16(
+    path: Path,
+    *,
+    num_classes: int = 2,
+    width: float = 1.0,
+    seed: int = 0,
+    gpu: bool = True,
+    legacy: bool = True,
+) -> Path:
     """The book's fine-tuned VGG16 (chapter 1-5): ``net.state_dict()`` with ``classifier.6`` =
     Linear(4096, num_classes), saved from ``cuda:0`` by torch 1.0 (legacy format)."""
     return _save(vgg16_state_dict(num_classes, width, False, seed), path, legacy=legacy, gpu=gpu)
@@ -186,13 +201,28 @@ def write_book_vgg16(path: Path, *, num_classes: int = 2, width: float = 1.0, se
 
 # (index in the ``vgg`` ModuleList, out channels, kernel) of the book's make_vgg() convs (2.2);
 # conv6 (31) is the dilated 3x3, conv7 (33) the 1x1.
-_SSD_VGG = [(0, 64, 3), (2, 64, 3), (5, 128, 3), (7, 128, 3), (10, 256, 3), (12, 256, 3), (14, 256, 3),
-            (17, 512, 3), (19, 512, 3), (21, 512, 3), (24, 512, 3), (26, 512, 3), (28, 512, 3),
-            (31, 1024, 3), (33, 1024, 1)]
+_SSD_VGG = [
+    (0, 64, 3),
+    (2, 64, 3),
+    (5, 128, 3),
+    (7, 128, 3),
+    (10, 256, 3),
+    (12, 256, 3),
+    (14, 256, 3),
+    (17, 512, 3),
+    (19, 512, 3),
+    (21, 512, 3),
+    (24, 512, 3),
+    (26, 512, 3),
+    (28, 512, 3),
+    (31, 1024, 3),
+    (33, 1024, 1),
+]
 # extras: (out channels, kernel); SSD300 has 4 pairs, SSD512 a fifth (conv12, kernel 4).
-_EXTRAS = {300: [(256, 1), (512, 3), (128, 1), (256, 3), (128, 1), (256, 3), (128, 1), (256, 3)],
-           512: [(256, 1), (512, 3), (128, 1), (256, 3), (128, 1), (256, 3), (128, 1), (256, 3),
-                 (128, 1), (256, 4)]}
+_EXTRAS = {
+    300: [(256, 1), (512, 3), (128, 1), (256, 3), (128, 1), (256, 3), (128, 1), (256, 3)],
+    512: [(256, 1), (512, 3), (128, 1), (256, 3), (128, 1), (256, 3), (128, 1), (256, 3), (128, 1), (256, 4)],
+}
 # DBoxes per location of each source (book ``bbox_aspect_num``; SSD512 as the SSD paper).
 _BOXES = {300: [4, 6, 6, 6, 4, 4], 512: [4, 6, 6, 6, 6, 4, 4]}
 #: book-layout keys of SSD300 in the book's order (``vgg``, ``extras``, ``L2Norm``, ``loc``, ``conf``).
@@ -204,8 +234,14 @@ BOOK_SSD_KEYS: tuple[str, ...] = (
 )
 
 
-def book_ssd_state_dict(num_classes: int = 21, width: float = 1.0, size: int = 300, seed: int = 0,
-                        confident: bool = False, amdegroot_order: bool = False) -> dict[str, Tensor]:
+def book_ssd_state_dict(
+    num_classes: int = 21,
+    width: float = 1.0,
+    size: int = 300,
+    seed: int = 0,
+    confident: bool = False,
+    amdegroot_order: bool = False,
+) -> dict[str, Tensor]:
     """State_dict of the book's / ssd.pytorch's SSD (``vgg.*``, ``extras.*``, ``L2Norm.weight``,
     ``loc.*``, ``conf.*``). ``amdegroot_order`` puts ``L2Norm.weight`` before ``extras`` as
     ssd.pytorch's file does; the keys and shapes are the same."""
@@ -269,24 +305,39 @@ def book_to_torchvision_keys(key: str) -> str:
         return f"backbone.features.{i}.{param}"
     if i in (24, 26, 28):
         return f"backbone.extra.0.{i - 23}.{param}"
-    return f"backbone.extra.0.7.{ {31: 1, 33: 3}[i]}.{param}"
+    return f"backbone.extra.0.7.{ {31: 1, 33: 3}[i] }.{param}"
 
 
-def torchvision_ssd_state_dict(num_classes: int = 91, width: float = 1.0, seed: int = 0,
-                               confident: bool = False) -> dict[str, Tensor]:
+def torchvision_ssd_state_dict(
+    num_classes: int = 91, width: float = 1.0, seed: int = 0, confident: bool = False
+) -> dict[str, Tensor]:
     """torchvision ``ssd300_vgg16`` state_dict, in torchvision's key order (``scale_weight``
     first, the classification head before the regression head)."""
     book = book_ssd_state_dict(num_classes, width, 300, seed, confident)
     tv = {book_to_torchvision_keys(k): v for k, v in book.items()}
-    order = ["backbone.scale_weight", *(k for k in tv if k.startswith("backbone.f")),
-             *(k for k in tv if k.startswith("backbone.e")), *(k for k in tv if ".classification" in k),
-             *(k for k in tv if ".regression" in k)]
+    order = [
+        "backbone.scale_weight",
+        *(k for k in tv if k.startswith("backbone.f")),
+        *(k for k in tv if k.startswith("backbone.e")),
+        *(k for k in tv if ".classification" in k),
+        *(k for k in tv if ".regression" in k),
+    ]
     return {k: tv[k] for k in order}
 
 
-def write_book_ssd(path: Path, *, num_classes: int = 21, width: float = 1.0, size: int = 300, seed: int = 0,
-                   confident: bool = False, data_parallel: bool = False, amdegroot_order: bool = False,
-                   gpu: bool = True, legacy: bool = True) -> Path:
+def write_book_ssd(
+    path: Path,
+    *,
+    num_classes: int = 21,
+    width: float = 1.0,
+    size: int = 300,
+    seed: int = 0,
+    confident: bool = False,
+    data_parallel: bool = False,
+    amdegroot_order: bool = False,
+    gpu: bool = True,
+    legacy: bool = True,
+) -> Path:
     """The book's ``ssd300_50.pth`` / ssd.pytorch's ``ssd300_mAP_77.43_v2.pth``: a plain
     state_dict saved from ``cuda:0`` (legacy format). ``data_parallel`` adds ``module.``
     prefixes as ``nn.DataParallel(net).state_dict()`` does."""
@@ -296,8 +347,9 @@ def write_book_ssd(path: Path, *, num_classes: int = 21, width: float = 1.0, siz
     return _save(sd, path, legacy=legacy, gpu=gpu)
 
 
-def write_torchvision_ssd300(path: Path, *, num_classes: int = 91, width: float = 1.0, seed: int = 0,
-                             confident: bool = False) -> Path:
+def write_torchvision_ssd300(
+    path: Path, *, num_classes: int = 91, width: float = 1.0, seed: int = 0, confident: bool = False
+) -> Path:
     """torchvision's ``ssd300_vgg16_coco-b556d3b4.pth`` (91 classes, zip format, CPU)."""
     sd = torchvision_ssd_state_dict(num_classes, width, seed, confident)
     return _save(sd, path, legacy=False, gpu=False)
@@ -306,19 +358,27 @@ def write_torchvision_ssd300(path: Path, *, num_classes: int = 91, width: float 
 # ----------------------------------------------------------------------------- project format
 
 
-def ssd_project_dict(labels: Sequence[str], *, width: float = 1.0, size: int = 300, seed: int = 0,
-                     confident: bool = False) -> dict[str, Any]:
+def ssd_project_dict(
+    labels: Sequence[str], *, width: float = 1.0, size: int = 300, seed: int = 0, confident: bool = False
+) -> dict[str, Any]:
     """A ``vision-serve`` version 1 detector checkpoint with the book's default boxes and
     post-processing, as training writes it (only plain types and tensors)."""
     # the book's ssd_cfg (2-8 nb#5) and the SSD paper's 512 model
     boxes: dict[str, Any] = {
-        300: {"feature_maps": [38, 19, 10, 5, 3, 1], "steps": [8, 16, 32, 64, 100, 300],
-              "min_sizes": [30, 60, 111, 162, 213, 264], "max_sizes": [60, 111, 162, 213, 264, 315],
-              "aspect_ratios": [[2], [2, 3], [2, 3], [2, 3], [2], [2]]},
-        512: {"feature_maps": [64, 32, 16, 8, 4, 2, 1], "steps": [8, 16, 32, 64, 128, 256, 512],
-              "min_sizes": [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8],
-              "max_sizes": [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6],
-              "aspect_ratios": [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]]},
+        300: {
+            "feature_maps": [38, 19, 10, 5, 3, 1],
+            "steps": [8, 16, 32, 64, 100, 300],
+            "min_sizes": [30, 60, 111, 162, 213, 264],
+            "max_sizes": [60, 111, 162, 213, 264, 315],
+            "aspect_ratios": [[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+        },
+        512: {
+            "feature_maps": [64, 32, 16, 8, 4, 2, 1],
+            "steps": [8, 16, 32, 64, 128, 256, 512],
+            "min_sizes": [35.84, 76.8, 153.6, 230.4, 307.2, 384.0, 460.8],
+            "max_sizes": [76.8, 153.6, 230.4, 307.2, 384.0, 460.8, 537.6],
+            "aspect_ratios": [[2], [2, 3], [2, 3], [2, 3], [2, 3], [2], [2]],
+        },
     }[size]
     # extras as [mid, out, kernel, stride, padding] per pair of convs
     extras = [[256, 512, 3, 2, 1], [128, 256, 3, 2, 1]] + (
@@ -332,8 +392,14 @@ def ssd_project_dict(labels: Sequence[str], *, width: float = 1.0, size: int = 3
         "arch_args": {
             "num_classes": len(labels) + 1,
             "width": width,
-            "ssd_config": {"name": f"SSD{size}_VOC", "input_size": size, **boxes, "variances": [0.1, 0.2],
-                           "clamp_centres": True, "extras": extras},
+            "ssd_config": {
+                "name": f"SSD{size}_VOC",
+                "input_size": size,
+                **boxes,
+                "variances": [0.1, 0.2],
+                "clamp_centres": True,
+                "extras": extras,
+            },
         },
         "labels": list(labels),
         "preprocess": {"kind": "ssd", "size": size},
@@ -343,8 +409,15 @@ def ssd_project_dict(labels: Sequence[str], *, width: float = 1.0, size: int = 3
     }
 
 
-def vgg_project_dict(labels: Sequence[str], *, width: float = 1.0, bn: bool = False, seed: int = 0,
-                     resize: int = 224, crop: int = 224) -> dict[str, Any]:
+def vgg_project_dict(
+    labels: Sequence[str],
+    *,
+    width: float = 1.0,
+    bn: bool = False,
+    seed: int = 0,
+    resize: int = 224,
+    crop: int = 224,
+) -> dict[str, Any]:
     """A ``vision-serve`` version 1 classifier checkpoint."""
     return {
         "format": "vision-serve",

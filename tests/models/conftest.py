@@ -61,18 +61,23 @@ def tiny(ckpt_dir: Path) -> dict[str, Path]:
         "book_vgg16": cf.write_book_vgg16(d / "weights_fine_tuning.pth", width=TINY),
         "book_ssd300": cf.write_book_ssd(d / "ssd300_50.pth", width=TINY),
         "book_ssd300_confident": cf.write_book_ssd(d / "ssd300_confident.pth", width=TINY, confident=True),
-        "amdegroot_ssd300": cf.write_book_ssd(d / "ssd300_mAP_77.43_v2.pth", width=TINY, amdegroot_order=True,
-                                              gpu=False),
+        "amdegroot_ssd300": cf.write_book_ssd(
+            d / "ssd300_mAP_77.43_v2.pth", width=TINY, amdegroot_order=True, gpu=False
+        ),
         "dp_ssd300": cf.write_book_ssd(d / "ssd300_dp.pth", width=TINY, data_parallel=True),
         "book_ssd512": cf.write_book_ssd(d / "ssd512.pth", width=TINY, size=512, confident=True),
-        "tv_ssd300": cf.write_torchvision_ssd300(d / "ssd300_vgg16_coco-b556d3b4.pth", width=TINY,
-                                                 confident=True),
-        "project_ssd300": cf.write_project(d / "project_ssd300.pth",
-                                           cf.ssd_project_dict(VOC_CLASSES, width=TINY, confident=True)),
-        "project_ssd512": cf.write_project(d / "project_ssd512.pth",
-                                           cf.ssd_project_dict(VOC_CLASSES, width=TINY, size=512)),
-        "project_vgg16": cf.write_project(d / "project_vgg16.pth",
-                                          cf.vgg_project_dict(["ant", "bee", "wasp"], width=TINY)),
+        "tv_ssd300": cf.write_torchvision_ssd300(
+            d / "ssd300_vgg16_coco-b556d3b4.pth", width=TINY, confident=True
+        ),
+        "project_ssd300": cf.write_project(
+            d / "project_ssd300.pth", cf.ssd_project_dict(VOC_CLASSES, width=TINY, confident=True)
+        ),
+        "project_ssd512": cf.write_project(
+            d / "project_ssd512.pth", cf.ssd_project_dict(VOC_CLASSES, width=TINY, size=512)
+        ),
+        "project_vgg16": cf.write_project(
+            d / "project_vgg16.pth", cf.vgg_project_dict(["ant", "bee", "wasp"], width=TINY)
+        ),
         "pickled_model": cf.write_pickled_model(d / "whole_model.pth"),
     }
     files["truncated_zip"] = cf.write_truncated(d / "truncated.pth", files["tv_ssd300"])

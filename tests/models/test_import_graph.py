@@ -25,8 +25,9 @@ print(json.dumps({"imported": names, "modules": sorted(sys.modules)}))
 
 
 def test_importing_models_loads_no_http_settings_or_app_code() -> None:
-    result = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     expected = sorted(f"models.{m.name}" for m in pkgutil.iter_modules(models.__path__))
@@ -37,7 +38,10 @@ def test_importing_models_loads_no_http_settings_or_app_code() -> None:
 
 def test_sources_do_not_import_app() -> None:
     pattern = re.compile(r"^\s*(from\s+app(\.|\s)|import\s+app(\.|\s|$))", re.MULTILINE)
-    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "models").rglob("*.py")
-                 if pattern.search(p.read_text(encoding="utf-8"))]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "models").rglob("*.py")
+        if pattern.search(p.read_text(encoding="utf-8"))
+    ]
     assert offenders == []
     assert pattern.search("from app.settings import Settings") and pattern.search("import app")

@@ -25,10 +25,22 @@ from tests.models.ssd_reference import book_dbox_list, book_detect
 ALL = DetectParams(score_threshold=0.0, iou_threshold=None, max_detections=None)
 
 
-def _detector(path: Path, fmt: str = "ssd.pytorch", arch: str = "ssd300", precision: str = "fp32",
-              device: str = "cpu", labels: Sequence[str] | None = VOC_CLASSES) -> Detector:
-    spec = ModelSpec(name="det", task="detect", arch=arch, format=fmt, weights=path,
-                     labels=tuple(labels) if labels is not None else None)
+def _detector(
+    path: Path,
+    fmt: str = "ssd.pytorch",
+    arch: str = "ssd300",
+    precision: str = "fp32",
+    device: str = "cpu",
+    labels: Sequence[str] | None = VOC_CLASSES,
+) -> Detector:
+    spec = ModelSpec(
+        name="det",
+        task="detect",
+        arch=arch,
+        format=fmt,
+        weights=path,
+        labels=tuple(labels) if labels is not None else None,
+    )
     det = load_model(spec, device=device, precision=precision)  # type: ignore[arg-type]
     assert isinstance(det, Detector)
     return det
@@ -41,8 +53,9 @@ def _classifier(path: Path, precision: str = "fp32", device: str = "cpu") -> Cla
     return clf
 
 
-def _agreement(ours: DetectOutput, boxes: Tensor, scores: Tensor, labels: Tensor,
-               box_tol: float = 0.05) -> tuple[float, float, int]:
+def _agreement(
+    ours: DetectOutput, boxes: Tensor, scores: Tensor, labels: Tensor, box_tol: float = 0.05
+) -> tuple[float, float, int]:
     """Compare two detection sets: -> (max score diff, max box diff in px, unmatched count).
 
     Within a class each of ``ours`` is paired with an unused detection of near-equal score
@@ -81,8 +94,9 @@ def _torchvision_ssd(num_classes: int, state_dict: dict[str, Tensor]) -> nn.Modu
 
 @pytest.mark.slow
 @pytest.mark.parametrize("image_name", ["china", "flower"])
-def test_torchvision_format_equals_torchvision_ssd300(full_tv_ssd300: Path, image_name: str,
-                                                      request: pytest.FixtureRequest) -> None:
+def test_torchvision_format_equals_torchvision_ssd300(
+    full_tv_ssd300: Path, image_name: str, request: pytest.FixtureRequest
+) -> None:
     """COCO (91 classes), a few confident detections. PIL image in; torchvision fed the [0, 1]
     tensor; the same detections (torchvision's boxes that clip to nothing aside: the service drops them)."""
     image: Image.Image = request.getfixturevalue(image_name)
@@ -97,16 +111,19 @@ def test_torchvision_format_equals_torchvision_ssd300(full_tv_ssd300: Path, imag
     confident = int((scores > 0.5).sum())
     assert confident >= 3, "the factory's confident model must give a few confident detections"
     max_score, max_box, unmatched = _agreement(ours, boxes[kept], scores[kept], labels[kept])
-    print(f"\ntorchvision SSD300 (COCO) vs Detector(torchvision) on {image_name}: {len(ours.scores)} "
-          f"detections ({confident} > 0.5), max |score diff| {max_score:.2e}, "
-          f"max |box diff| {max_box:.2e} px")
+    print(
+        f"\ntorchvision SSD300 (COCO) vs Detector(torchvision) on {image_name}: {len(ours.scores)} "
+        f"detections ({confident} > 0.5), max |score diff| {max_score:.2e}, "
+        f"max |box diff| {max_box:.2e} px"
+    )
     assert unmatched == 0 and len(ours.scores) == int(kept.sum())
     assert max_score < 1e-4 and max_box < 0.05
 
 
 @pytest.mark.slow
-def test_torchvision_format_equals_torchvision_ssd300_at_its_caps(full_book_ssd300: Path, ckpt_dir: Path,
-                                                                  china: Image.Image) -> None:
+def test_torchvision_format_equals_torchvision_ssd300_at_its_caps(
+    full_book_ssd300: Path, ckpt_dir: Path, china: Image.Image
+) -> None:
     """21 classes, random weights: thousands of candidates, so torchvision's top 400 per class and
     200 per image both bite. Exactly tied float32 scores (see the book test below) may swap at the
     200th place or in NMS; such flips are counted and bounded."""
@@ -123,9 +140,11 @@ def test_torchvision_format_equals_torchvision_ssd300_at_its_caps(full_book_ssd3
     kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     assert len(scores) == 200 and len(ours.scores) == int(kept.sum())
     max_score, max_box, unmatched = _agreement(ours, boxes[kept], scores[kept], labels[kept])
-    print(f"\ntorchvision SSD300 (21 classes, random) vs Detector(torchvision) on china: {len(ours.scores)} "
-          f"detections, max |score diff| {max_score:.2e}, max |box diff| {max_box:.2e} px, "
-          f"tie flips {unmatched}")
+    print(
+        f"\ntorchvision SSD300 (21 classes, random) vs Detector(torchvision) on china: {len(ours.scores)} "
+        f"detections, max |score diff| {max_score:.2e}, max |box diff| {max_box:.2e} px, "
+        f"tie flips {unmatched}"
+    )
     assert unmatched <= 2 and max_score < 1e-4 and max_box < 0.05
 
 
@@ -149,8 +168,9 @@ def _book_reference(loc: Tensor, conf: Tensor, image: Image.Image) -> tuple[Tens
 
 @pytest.mark.slow
 @pytest.mark.parametrize("image_name", ["china", "flower"])
-def test_book_format_equals_the_books_detect(full_book_ssd300: Path, image_name: str,
-                                             request: pytest.FixtureRequest) -> None:
+def test_book_format_equals_the_books_detect(
+    full_book_ssd300: Path, image_name: str, request: pytest.FixtureRequest
+) -> None:
     """The book-layout Detector end to end == the book's Detect on the same head outputs. Random weights
     give ~2000 detections, so every rule (threshold, top 200 per class, NMS, no cap) is exercised."""
     image: Image.Image = request.getfixturevalue(image_name)
@@ -161,15 +181,18 @@ def test_book_format_equals_the_books_detect(full_book_ssd300: Path, image_name:
     ours = det.predict(x, [image.size], [ALL])[0]
     assert len(ours.scores) > 1000
     max_score, max_box, unmatched = _agreement(ours, *_book_reference(loc, conf, image))
-    print(f"\nbook Detect vs Detector(ssd.pytorch) on {image_name}: {len(ours.scores)} detections, "
-          f"max |score diff| {max_score:.2e}, max |box diff| {max_box:.2e} px, unmatched {unmatched}")
+    print(
+        f"\nbook Detect vs Detector(ssd.pytorch) on {image_name}: {len(ours.scores)} detections, "
+        f"max |score diff| {max_score:.2e}, max |box diff| {max_box:.2e} px, unmatched {unmatched}"
+    )
     assert unmatched == 0 and max_score < 1e-4 and max_box < 0.05
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("image_name", ["china", "flower"])
 def test_book_format_agrees_with_torchvision_module_under_book_semantics(
-        full_book_ssd300: Path, image_name: str, request: pytest.FixtureRequest) -> None:
+    full_book_ssd300: Path, image_name: str, request: pytest.FixtureRequest
+) -> None:
     """The same weights mapped into torchvision's ssd300_vgg16: its head outputs equal ours to 1e-5,
     and the book's Detect on them gives our detections. With random weights ~8000 candidates of a
     class crowd into a narrow score band, so some scores tie exactly in float32; a 1e-5 input change
@@ -187,10 +210,13 @@ def test_book_format_agrees_with_torchvision_module_under_book_semantics(
     conf_diff = (head["cls_logits"] - conf).abs().max().item()
     ours = det.predict(x, [image.size], [ALL])[0]
     max_score, max_box, unmatched = _agreement(
-        ours, *_book_reference(head["bbox_regression"], head["cls_logits"], image))
-    print(f"\ntorchvision module + book Detect vs Detector(ssd.pytorch) on {image_name}: head |diff| loc "
-          f"{loc_diff:.1e} conf {conf_diff:.1e}; {len(ours.scores)} detections, max |score diff| "
-          f"{max_score:.2e}, max |box diff| {max_box:.2e} px, tie flips {unmatched}")
+        ours, *_book_reference(head["bbox_regression"], head["cls_logits"], image)
+    )
+    print(
+        f"\ntorchvision module + book Detect vs Detector(ssd.pytorch) on {image_name}: head |diff| loc "
+        f"{loc_diff:.1e} conf {conf_diff:.1e}; {len(ours.scores)} detections, max |score diff| "
+        f"{max_score:.2e}, max |box diff| {max_box:.2e} px, tie flips {unmatched}"
+    )
     assert loc_diff < 1e-4 and conf_diff < 1e-4
     assert unmatched <= 0.005 * len(ours.scores) and max_score < 1e-4 and max_box < 0.05
 
@@ -255,22 +281,33 @@ def test_detector_batch_contract(tiny: dict[str, Path], china: Image.Image, flow
 
 
 def test_model_info(tiny: dict[str, Path]) -> None:
-    spec = ModelSpec(name="ssd-voc", task="detect", arch="ssd300", format="ssd.pytorch",
-                     weights=tiny["book_ssd300"], labels=VOC_CLASSES, score_threshold=0.6, max_detections=50)
+    spec = ModelSpec(
+        name="ssd-voc",
+        task="detect",
+        arch="ssd300",
+        format="ssd.pytorch",
+        weights=tiny["book_ssd300"],
+        labels=VOC_CLASSES,
+        score_threshold=0.6,
+        max_detections=50,
+    )
     det = load_model(spec)
     info = det.info
     assert (info.name, info.task, info.arch, info.format) == ("ssd-voc", "detect", "ssd300", "ssd.pytorch")
     assert (info.device, info.dtype, info.input_size, info.num_classes) == ("cpu", "float32", (300, 300), 20)
     assert info.labels == list(VOC_CLASSES) and len(info.sha256 or "") == 64
     assert info.defaults == {"score_threshold": 0.6, "max_detections": 50, "iou_threshold": 0.45}
-    clf = load_model(ModelSpec(name="c", task="classify", arch="vgg16", format="auto",
-                               weights=tiny["tv_vgg16"], top_k=3), precision="bf16")
+    clf = load_model(
+        ModelSpec(name="c", task="classify", arch="vgg16", format="auto", weights=tiny["tv_vgg16"], top_k=3),
+        precision="bf16",
+    )
     assert clf.info.defaults == {"top_k": 3} and clf.info.dtype == "bfloat16"
     assert "Classifier(name='c'" in repr(clf)
 
 
-def test_warmup_runs_every_batch_size_without_changing_answers(tiny: dict[str, Path],
-                                                               china: Image.Image) -> None:
+def test_warmup_runs_every_batch_size_without_changing_answers(
+    tiny: dict[str, Path], china: Image.Image
+) -> None:
     det = _detector(tiny["book_ssd300_confident"])
     x = det.preprocess(china)[None]
     before = det.predict(x, [china.size], [ALL])[0]
@@ -286,8 +323,9 @@ def test_warmup_runs_every_batch_size_without_changing_answers(tiny: dict[str, P
 # --------------------------------------------------------------------------- precision
 
 
-def test_bf16_classifier_close_to_fp32(tiny: dict[str, Path], china: Image.Image,
-                                       flower: Image.Image) -> None:
+def test_bf16_classifier_close_to_fp32(
+    tiny: dict[str, Path], china: Image.Image, flower: Image.Image
+) -> None:
     fp32, bf16 = _classifier(tiny["tv_vgg16"]), _classifier(tiny["tv_vgg16"], "bf16")
     assert next(bf16.model.parameters()).dtype == torch.bfloat16
     batch = torch.stack([fp32.preprocess(china), fp32.preprocess(flower)])
@@ -318,10 +356,12 @@ def test_bf16_and_fp16_detectors_close_to_fp32(tiny: dict[str, Path], china: Ima
         assert len(out.scores) >= 3
         iou = box_iou(out.boxes, ref.boxes)
         iou[out.class_ids[:, None] != ref.class_ids[None, :]] = 0
-        print(f"\n{precision} vs fp32 detector: max |prob diff| {prob_diff:.2e}, "
-              f"max |loc diff| {loc_diff:.2e}, "
-              f"{len(out.scores)} vs {int((ref.scores >= 0.5).sum())} detections >= 0.5, "
-              f"worst best-IoU {iou.amax(dim=1).min().item():.3f}")
+        print(
+            f"\n{precision} vs fp32 detector: max |prob diff| {prob_diff:.2e}, "
+            f"max |loc diff| {loc_diff:.2e}, "
+            f"{len(out.scores)} vs {int((ref.scores >= 0.5).sum())} detections >= 0.5, "
+            f"worst best-IoU {iou.amax(dim=1).min().item():.3f}"
+        )
         # bf16 keeps ~3 significant digits: logits near 11 move by up to ~0.05
         assert prob_diff < 0.05 and loc_diff < 0.25
         assert torch.all(iou.amax(dim=1) > 0.4)
@@ -347,8 +387,10 @@ def test_cuda_matches_cpu(tiny: dict[str, Path], china: Image.Image) -> None:
     y = clf_cpu.preprocess(china)[None]
     a_top, b_top = clf_cpu.predict(y)[0], clf_gpu.predict(y)[0]
     diff = (a_top.scores - b_top.scores).abs().max().item()
-    print(f"\ncuda vs cpu fp32: detector max |score diff| {(a.scores - b.scores).abs().max().item():.2e}, "
-          f"classifier max |probability diff| {diff:.2e}")
+    print(
+        f"\ncuda vs cpu fp32: detector max |score diff| {(a.scores - b.scores).abs().max().item():.2e}, "
+        f"classifier max |probability diff| {diff:.2e}"
+    )
     assert diff < 1e-5 and torch.equal(a_top.class_ids, b_top.class_ids)
 
 

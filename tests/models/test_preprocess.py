@@ -39,8 +39,9 @@ def test_constants_match_their_sources() -> None:
 
 
 @pytest.mark.parametrize("image_name", ["china", "portrait"])
-def test_classifier_transform_equals_torchvision_preset(image_name: str,
-                                                        request: pytest.FixtureRequest) -> None:
+def test_classifier_transform_equals_torchvision_preset(
+    image_name: str, request: pytest.FixtureRequest
+) -> None:
     image: Image.Image = request.getfixturevalue(image_name)
     ours = ClassifierTransform(*TORCHVISION_CLASSIFIER_PRESET)(image)
     theirs = VGG16_Weights.IMAGENET1K_V1.transforms()(image)
@@ -120,8 +121,9 @@ def test_transforms_refuse_non_rgb_images(china: Image.Image) -> None:
             SSDTransform(300)(img)
 
 
-@pytest.mark.parametrize(("size", "resize", "crop"), [((6000, 40), 256, 224), ((30, 5000), 224, 224),
-                                                      ((5000, 30), 100, 128)])
+@pytest.mark.parametrize(
+    ("size", "resize", "crop"), [((6000, 40), 256, 224), ((30, 5000), 224, 224), ((5000, 30), 100, 128)]
+)
 def test_elongated_images_match_resize_then_crop_without_the_huge_intermediate(
     size: tuple[int, int], resize: int, crop: int
 ) -> None:

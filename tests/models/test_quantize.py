@@ -51,8 +51,14 @@ MAX_MEDIAN_RELATIVE_ERROR = 0.15
 def _variants(image: Image.Image) -> list[Image.Image]:
     """The whole photo, its four quarters and its centre, each also mirrored: 12 images."""
     w, h = image.size
-    boxes = [(0, 0, w, h), (0, 0, w // 2, h // 2), (w // 2, 0, w, h // 2), (0, h // 2, w // 2, h),
-             (w // 2, h // 2, w, h), (w // 4, h // 4, 3 * w // 4, 3 * h // 4)]
+    boxes = [
+        (0, 0, w, h),
+        (0, 0, w // 2, h // 2),
+        (w // 2, 0, w, h // 2),
+        (0, h // 2, w // 2, h),
+        (w // 2, h // 2, w, h),
+        (w // 4, h // 4, 3 * w // 4, 3 * h // 4),
+    ]
     crops = [image.crop(box) for box in boxes]
     return [v for c in crops for v in (c, ImageOps.mirror(c))]
 
@@ -96,8 +102,9 @@ def _relative_error(reference: Tensor, candidate: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def test_int8_classifier_agrees_with_fp32_on_photos(vgg_fp32: VGG, vgg_int8: nn.Module,
-                                                    vgg_batches: list[Tensor]) -> None:
+def test_int8_classifier_agrees_with_fp32_on_photos(
+    vgg_fp32: VGG, vgg_int8: nn.Module, vgg_batches: list[Tensor]
+) -> None:
     x = torch.cat(vgg_batches)
     reference, candidate = vgg_fp32(x), vgg_int8(x)
     assert candidate.dtype == torch.float32 and candidate.shape == reference.shape == (24, 1000)
@@ -111,8 +118,9 @@ def test_int8_classifier_agrees_with_fp32_on_photos(vgg_fp32: VGG, vgg_int8: nn.
 
 
 @torch.no_grad()
-def test_calibration_sets_the_ranges(vgg_fp32: VGG, vgg_int8: nn.Module, vgg_batches: list[Tensor],
-                                     vgg_calibration: list[Tensor]) -> None:
+def test_calibration_sets_the_ranges(
+    vgg_fp32: VGG, vgg_int8: nn.Module, vgg_batches: list[Tensor], vgg_calibration: list[Tensor]
+) -> None:
     """Calibrating on inputs of the wrong range gives a different, much worse model: the observers
     really measure the calibration batches."""
     miscalibrated = quantize_int8(vgg_fp32, [b / 20 for b in vgg_calibration], example=vgg_batches[0])
@@ -126,8 +134,9 @@ def test_calibration_sets_the_ranges(vgg_fp32: VGG, vgg_int8: nn.Module, vgg_bat
     assert agreement_report(reference, bad)["top1_agreement"] < good_top1
 
 
-def test_int8_model_holds_int8_weights_and_leaves_the_original_alone(vgg_fp32: VGG,
-                                                                     vgg_int8: nn.Module) -> None:
+def test_int8_model_holds_int8_weights_and_leaves_the_original_alone(
+    vgg_fp32: VGG, vgg_int8: nn.Module
+) -> None:
     weights = [m.weight() for m in vgg_int8.modules() if callable(getattr(m, "weight", None))]
     assert len(weights) == 13 + 3  # every conv and linear of VGG16 is quantized
     assert {w.dtype for w in weights} == {torch.qint8}
@@ -146,8 +155,7 @@ def test_no_calibration_images_is_refused(vgg_fp32: VGG, vgg_batches: list[Tenso
         calibration_batches([], ClassifierTransform(256, 224))
 
 
-def test_calibration_batch_of_another_shape_is_refused(vgg_fp32: VGG,
-                                                       vgg_batches: list[Tensor]) -> None:
+def test_calibration_batch_of_another_shape_is_refused(vgg_fp32: VGG, vgg_batches: list[Tensor]) -> None:
     with pytest.raises(ValueError, match=r"\[B, 3, 224, 224\]"):
         quantize_int8(vgg_fp32, [torch.zeros(2, 3, 200, 200)], example=vgg_batches[0])
 
@@ -225,8 +233,9 @@ def test_float_ssd_maps_reproduce_ssd_forward(ssd_fp32: SSD, ssd_batches: list[T
 
 
 @torch.no_grad()
-def test_int8_ssd_returns_float32_of_the_right_shapes(ssd_fp32: SSD, ssd_int8: nn.Module,
-                                                      ssd_batches: list[Tensor]) -> None:
+def test_int8_ssd_returns_float32_of_the_right_shapes(
+    ssd_fp32: SSD, ssd_int8: nn.Module, ssd_batches: list[Tensor]
+) -> None:
     assert isinstance(ssd_int8, QuantizedSSD)
     x = ssd_batches[0][:3]
     loc, conf = ssd_int8(x)
@@ -254,8 +263,9 @@ def test_int8_ssd512_quantizes() -> None:
 
 
 @torch.no_grad()
-def test_int8_ssd_detections_match_fp32_on_photos(ssd_fp32: SSD, ssd_int8: nn.Module,
-                                                 photos: list[Image.Image]) -> None:
+def test_int8_ssd_detections_match_fp32_on_photos(
+    ssd_fp32: SSD, ssd_int8: nn.Module, photos: list[Image.Image]
+) -> None:
     images = photos[1::3]  # 8 of the 24, half of them mirrored (NMS over 20 classes dominates the time)
     x = torch.stack([SSDTransform(300)(im) for im in images])
     priors = default_boxes(SSD300_VOC)
@@ -304,8 +314,9 @@ def test_quantize_predictor_refuses_non_fp32(tmp_path: Path, photos: list[Image.
 @torch.no_grad()
 def test_quantize_predictor_detector(tmp_path: Path, photos: list[Image.Image]) -> None:
     path = cf.write_book_ssd(tmp_path / "ssd300.pth", width=1 / 16, confident=True)
-    spec = ModelSpec(name="ssd", task="detect", arch="ssd300", format="ssd.pytorch", weights=path,
-                     labels=VOC_CLASSES)
+    spec = ModelSpec(
+        name="ssd", task="detect", arch="ssd300", format="ssd.pytorch", weights=path, labels=VOC_CLASSES
+    )
     det = quantize_predictor(load_model(spec), photos[:8], batch_size=4)
     assert isinstance(det, Detector)
     det.warmup((2,))
@@ -395,22 +406,33 @@ def test_agreement_report_for_classifiers() -> None:
 
 
 def _det(boxes: list[list[float]], scores: list[float], classes: list[int]) -> DetectOutput:
-    return DetectOutput(boxes=torch.tensor(boxes).reshape(-1, 4), scores=torch.tensor(scores),
-                        class_ids=torch.tensor(classes, dtype=torch.long))
+    return DetectOutput(
+        boxes=torch.tensor(boxes).reshape(-1, 4),
+        scores=torch.tensor(scores),
+        class_ids=torch.tensor(classes, dtype=torch.long),
+    )
 
 
 def test_agreement_report_for_detectors() -> None:
     reference = [
-        _det([[0, 0, 100, 100], [200, 200, 300, 300], [0, 0, 50, 50], [400, 0, 500, 100]],
-             [0.9, 0.8, 0.7, 0.3], [1, 2, 3, 1]),
+        _det(
+            [[0, 0, 100, 100], [200, 200, 300, 300], [0, 0, 50, 50], [400, 0, 500, 100]],
+            [0.9, 0.8, 0.7, 0.3],
+            [1, 2, 3, 1],
+        ),
         _det([], [], []),
     ]
     candidate = [
-        _det([[2, 0, 100, 103],  # class 1 moved 3 px: a match (IoU 0.95)
-              [200, 200, 300, 300],  # the right place but another class: no match
-              [0, 0, 50, 50],  # class 3 at score 0.45: still a match, below the threshold
-              [600, 600, 700, 700]],  # an extra confident detection
-             [0.85, 0.8, 0.45, 0.9], [1, 5, 3, 4]),
+        _det(
+            [
+                [2, 0, 100, 103],  # class 1 moved 3 px: a match (IoU 0.95)
+                [200, 200, 300, 300],  # the right place but another class: no match
+                [0, 0, 50, 50],  # class 3 at score 0.45: still a match, below the threshold
+                [600, 600, 700, 700],
+            ],  # an extra confident detection
+            [0.85, 0.8, 0.45, 0.9],
+            [1, 5, 3, 4],
+        ),
         _det([[10, 10, 20, 20]], [0.6], [1]),  # an extra on the image without reference detections
     ]
     report = agreement_report(reference, candidate)
