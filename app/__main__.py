@@ -16,7 +16,7 @@ import sys
 
 from pydantic import ValidationError
 
-from app.drain import exit_on_sigterm_until_serving
+from app.drain import exit_on_sigterm_until_serving, hold_hangup_over_exec
 from app.logs import configure_logging
 from app.settings import Settings, unknown_variables
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     args = parser.parse_args(argv)
+    if argv is None:  # a real start: first thing, as a worker's supervisor may signal it early
+        exit_on_sigterm_until_serving()
     try:
         settings = Settings()
         _ = (settings.torch_device, settings.torch_precision)  # resolved now: a bad one exits 2
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and settings.allocator_tuning:  # a real start, not a test calling main
         from app.allocator import reexec_with_tuning
 
+        hold_hangup_over_exec()  # serve() lets it through when no re-exec was needed
         reexec_with_tuning(sys.argv[1:])
     return serve(settings, args.host, args.port)
 

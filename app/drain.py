@@ -30,14 +30,19 @@ import socket
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 
-from app.inference import InferenceService
-from app.reload import on_hangup
+if TYPE_CHECKING:  # torch: python -m app imports this module before anything heavy
+    from fastapi import FastAPI
+
+    from app.inference import InferenceService
 
 log = logging.getLogger(__name__)
+
+#: A SIGHUP that came before the server took over the signals: it reloads once the service runs.
+HANGUP_BEFORE_SERVING = threading.Event()
 
 
 class DrainingServer(uvicorn.Server):
@@ -51,6 +56,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_delay_s = drain_delay_s
         self._drain_signal: int | None = None
         self._drain_started = 0.0
+        self._hangup_pending = False
 
     @property
     def service(self) -> InferenceService | None:
@@ -87,15 +93,21 @@ class DrainingServer(uvicorn.Server):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.on_hangup)
+            if HANGUP_BEFORE_SERVING.is_set():
+                HANGUP_BEFORE_SERVING.clear()
+                self.on_hangup()
         await super().serve(sockets)
 
     def on_hangup(self) -> None:
         """SIGHUP: reload the models file (``app.reload``) while serving."""
         service = self.service
-        if service is None:
-            log.warning("SIGHUP before the service started: nothing to reload")
+        if service is None:  # the lifespan has not run yet: on_tick passes it on once it has
+            log.info("SIGHUP before the service exists: it reloads once the service starts")
+            self._hangup_pending = True
             return
-        service.in_background(on_hangup(service))
+        from app.reload import on_hangup
+
+        service.in_background(on_hangup(service))  # waits for the start, if it is still running
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if (
@@ -120,6 +132,9 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:
+        if self._hangup_pending and self.service is not None:
+            self._hangup_pending = False
+            self.on_hangup()
         if self.failure is not None and not self.should_exit:
             self.should_exit = True  # python -m app reports the failure and exits 1
         if (
@@ -133,7 +148,9 @@ class DrainingServer(uvicorn.Server):
 
 
 def exit_on_sigterm_until_serving() -> None:
-    """Make SIGTERM end the process before uvicorn handles it, and SIGHUP (a reload) do nothing yet.
+    """Make SIGTERM end the process before uvicorn handles it, and SIGHUP (a reload) wait for the
+    server (``HANGUP_BEFORE_SERVING``): its default action would end the process, and ignoring it
+    would lose a reload that a worker's supervisor passed on while this worker was starting.
 
     Python leaves SIGTERM at its default, which a process running as PID 1 (a container's entry
     point) does not get: ``docker stop`` would wait its whole grace period and then SIGKILL. Raising
@@ -144,4 +161,17 @@ def exit_on_sigterm_until_serving() -> None:
         raise SystemExit(128 + sig)
 
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # its default would end the process
+    signal.signal(signal.SIGHUP, lambda sig, frame: HANGUP_BEFORE_SERVING.set())
+    # a worker starts with SIGHUP blocked (Supervisor.spawn), and the re-exec keeps one blocked
+    # (hold_hangup_over_exec): one sent meanwhile was kept pending, and arrives now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+
+
+def hold_hangup_over_exec() -> None:
+    """Before ``execve``: block SIGHUP, which the new image inherits, so a SIGHUP stays pending
+    instead of ending it before :func:`exit_on_sigterm_until_serving` runs there; one this process
+    already caught is raised again, to be pending too."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    if HANGUP_BEFORE_SERVING.is_set():
+        HANGUP_BEFORE_SERVING.clear()
+        signal.pthread_kill(threading.get_ident(), signal.SIGHUP)  # this thread's: kept by execve

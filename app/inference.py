@@ -311,6 +311,12 @@ class InferenceService:
             log.error("startup failed", exc_info=exc)
             self.fail(f"warm-up failed: {exc}" if self.registry is not None else str(exc))
 
+    async def until_started(self) -> None:
+        """Wait until the start (:meth:`start_in_background`) has ended, however it ended."""
+        task = self._start_task
+        if task is not None and not task.done():
+            await asyncio.shield(task)  # a waiter that is cancelled does not cancel the start
+
     def fail(self, message: str) -> None:
         self.failure = message
         self.not_ready_reason = f"startup failed: {message}"

@@ -30,6 +30,7 @@ from app.errors import ApiError, error_response
 from app.inference import InferenceService
 from app.metrics import Metrics
 from app.proxy import add_proxy_support
+from app.reload import answer_after_start
 from app.routers import admin, health, models, predict, render, ui, v2
 from app.settings import Settings
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("models warmed up before serving in %.1f s", time.perf_counter() - started)
         else:
             service.start_in_background()
+        service.in_background(answer_after_start(service))  # with VISION_WORKERS > 1 (app.reload)
         try:
             yield
         finally:

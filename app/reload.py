@@ -160,11 +160,20 @@ async def reload_models(service: InferenceService, trigger: str) -> ReloadReport
 
 async def _apply(service: InferenceService, report: ReloadReport) -> Outcome:
     """Load, warm up and verify what changed, then swap; raises ReloadFailed and changes nothing."""
-    registry = service.registry
-    if registry is None or service.not_ready_reason is not None:
-        raise ReloadFailed("failed", "the service is still starting; reload once it is ready")
     if service.draining:
         raise ReloadFailed("failed", "the service is draining")
+    if service.not_ready_reason is not None and service.failure is None:
+        # asked while starting (a worker's start can overlap a reload request to the pool): the
+        # start reads the models file itself, so this reload runs after it, usually "unchanged"
+        log.info("reload %s waits for the start to end", report.id)
+        await service.until_started()
+    if service.failure is not None:
+        raise ReloadFailed("failed", f"the service did not start: {service.failure}")
+    registry = service.registry
+    if registry is None or service.not_ready_reason is not None:
+        raise ReloadFailed(
+            "failed", "the service is draining" if service.draining else "the service has not started"
+        )
     try:
         models_file = await asyncio.to_thread(read_checked, service.settings.models_file)
     except StartupError as exc:
@@ -354,6 +363,17 @@ async def on_hangup(service: InferenceService) -> None:
     report = await reload_models(service, "api" if waiting else "SIGHUP")
     if reloads is not None:
         reloads.answer(waiting, report)
+
+
+async def answer_after_start(service: InferenceService) -> None:
+    """A worker that was starting (or was started again) while the pool was asked to reload may
+    have missed the SIGHUP: once its start has ended, it answers the requests still waiting for it."""
+    reloads = worker_reloads(service)
+    if reloads is None:
+        return
+    await service.until_started()
+    if service.failure is None and reloads.pending():
+        await on_hangup(service)
 
 
 def worker_reloads(service: InferenceService) -> WorkerReloads | None:

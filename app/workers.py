@@ -121,7 +121,13 @@ class Supervisor:
         serve meanwhile); at the first start all warm up while serving, answering readiness 503."""
         argv = [sys.executable, "-m", "app", "--host", self.host, "--port", str(self.port)]
         env = worker_environ(dict(os.environ), self.count, slot, self.folder, restart=restart)
-        process = subprocess.Popen(argv, env=env)
+        # the worker starts with SIGHUP blocked (a reload passed on while it imports stays pending
+        # until it can take it: app.drain); SIGHUPs to this process meanwhile wait likewise
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process = subprocess.Popen(argv, env=env)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.workers[slot] = process
         log.info("worker %d started (pid %d)", slot, process.pid)
 

@@ -5,6 +5,7 @@ admin route and its keys."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -226,3 +227,35 @@ async def test_without_admin_keys_the_route_does_not_exist(folder: Path) -> None
         assert answer.status_code == 404
     with pytest.raises(ValueError, match="VISION_ADMIN_API_KEYS needs VISION_API_KEYS"):
         settings_for(admin_api_keys="admin-key")
+
+
+async def test_a_reload_asked_while_starting_runs_once_the_start_ends(folder: Path) -> None:
+    """A reload that comes during the start (a worker's start can overlap a request to the pool)
+    waits for it instead of failing; the start read the models file itself, so nothing changes."""
+    keys = {"api_keys": "user-key", "admin_api_keys": "admin-key"}
+    app = create_app(settings_for(models_file=folder / "models.toml", **keys))
+    async with running(app, ready=False) as client:
+        service = client._transport.app.state.service  # type: ignore[attr-defined]
+        assert not service.ready  # the models load in a thread: this request comes before that ends
+        answer = await reload(client)
+        assert answer.status_code == 200, answer.text
+        (report,) = answer.json()["reports"]
+        assert report["outcome"] == "unchanged" and service.ready
+
+
+async def test_a_worker_answers_the_reload_requests_it_missed_while_starting(folder: Path) -> None:
+    """With VISION_WORKERS > 1, a request written while this worker was starting (it may have been
+    started again after the SIGHUP) is answered once its start has ended."""
+    shared = folder / "pool"
+    (shared / "reloads").mkdir(parents=True)
+    (shared / "reloads" / "waiting1.request").touch()
+    settings = settings_for(models_file=folder / "models.toml", workers=2, worker_slot=1, worker_dir=shared)
+    async with running(create_app(settings)):
+        answer = shared / "reloads" / "waiting1.1.json"
+        for _ in range(500):
+            if answer.exists():
+                break
+            await asyncio.sleep(0.02)
+        report = json.loads(answer.read_text())
+        assert report["worker"] == 1 and report["trigger"] == "api" and report["outcome"] == "unchanged"
+        assert not (shared / "reloads" / "waiting1.0.json").exists()  # each worker answers for itself

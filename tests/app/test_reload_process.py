@@ -69,8 +69,17 @@ def service(folder: Path, **env: str) -> Iterator[Service]:
             cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     running = Service(process, f"http://127.0.0.1:{port}", log)
+    workers = int(env.get("VISION_WORKERS", "1"))
     try:
-        wait_until(lambda: process.poll() is not None or ready_everywhere(running.url), 240, "ready", log)
+        wait_until(
+            lambda: (
+                process.poll() is not None
+                or (log.read_text().count("ready: ") >= workers and ready_everywhere(running.url))
+            ),
+            240,
+            "ready",
+            log,
+        )
         assert process.poll() is None, log.read_text()[-3000:]
         yield running
     finally:
@@ -145,4 +154,44 @@ def test_every_worker_reloads_and_the_answer_has_each_report(tmp_path: Path) -> 
         assert {version(running, **user) for _ in range(12)} == new
         # SIGHUP to the supervisor: both workers reload again (nothing changed this time)
         os.kill(running.process.pid, signal.SIGHUP)
-        wait_until(lambda: running.log.read_text().count(": unchanged in") == 2, 60, "both", running.log)
+        wait_until(
+            lambda: running.log.read_text().count("(SIGHUP): unchanged in") == 2, 60, "both", running.log
+        )
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` now (its SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    raise AssertionError("no SigCgt")
+
+
+def test_a_sighup_while_starting_reloads_once_started(tmp_path: Path) -> None:
+    """A SIGHUP as soon as the process catches it (long before the models load, while torch is
+    being imported) neither ends it nor is lost: the reload runs once the service has started."""
+    write_checkpoint(tmp_path, seed=0)
+    models_file(tmp_path)
+    port = free_port()
+    log = tmp_path / "service.log"
+    environ = clean_env(VISION_MODELS_FILE=str(tmp_path / "models.toml"), VISION_DEVICE="cpu")
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO, env=environ, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(
+            lambda: process.poll() is not None or catches(process.pid, signal.SIGHUP), 60, "a handler", log
+        )
+        assert "ready: " not in log.read_text()
+        process.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: process.poll() is not None or "(SIGHUP): unchanged" in log.read_text(), 240, "reload", log
+        )
+        assert process.poll() is None, log.read_text()[-3000:]
+        text = log.read_text()
+        assert text.index("ready: ") < text.index("(SIGHUP): unchanged")
+    finally:
+        process.kill()
+        process.wait(timeout=30)
