@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings()
-        _ = (settings.torch_device, settings.torch_precision)  # resolved now: a bad one exits 2
+        _ = (settings.torch_device, settings.torch_precision, settings.runtime_choice)  # a bad one exits 2
     except ValidationError as exc:
         return fail(f"invalid settings: {describe(exc)}", 2)
     except ValueError as exc:
