@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         exit_on_sigterm_until_serving()
     try:
         settings = Settings()
-        _ = (settings.torch_device, settings.torch_precision)  # resolved now: a bad one exits 2
+        _ = (settings.torch_device, settings.torch_precision, settings.runtime_choice)  # a bad one exits 2
     except ValidationError as exc:
         return fail(f"invalid settings: {describe(exc)}", 2)
     except ValueError as exc:

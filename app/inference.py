@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from PIL import Image
 from pydantic import BaseModel
@@ -35,7 +35,7 @@ from app.images import ImageDecoder, PreparedImage, make_decoder
 from app.metrics import Metrics
 from app.models_file import ModelsFile, ModelsFileError, check_weights_exist, read_models_file
 from app.schemas import ClassifyParameters, DetectParameters
-from app.settings import Settings
+from app.settings import Runtime, RuntimeChoice, Settings
 from models import (
     TASK_OPTIONS,
     CheckpointError,
@@ -49,9 +49,11 @@ from models import (
     ModelSpec,
     Predictor,
     Task,
+    apply_with_report,
     load_calibration_images,
     load_model,
-    quantize_predictor_with_report,
+    quantize_predictor,
+    use_openvino,
 )
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,15 @@ R = TypeVar("R")
 @dataclass(frozen=True)
 class ModelVersion:
     """Which version of a model answers. ``id`` changes with anything that changes its answers:
-    the checkpoint's bytes, its models-file entry, the precision (and the int8 calibration)."""
+    the checkpoint's bytes, its models-file entry, the precision (and the int8 calibration), the
+    runtime. ``agreement`` is the agreement check at start (:func:`adapt_one`), None when none ran."""
 
     id: str
     sha256: str | None  # of the checkpoint file
     source: str  # the checkpoint file
     loaded_at: float  # Unix time
+    runtime: Runtime = "torch"
+    agreement: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -417,14 +422,25 @@ def load_models(settings: Settings, metrics: Metrics) -> list[LoadedModel]:
     """Every model of ``settings.models_file``, loaded in file order. Blocking: seconds per
     full-size model. Raises StartupError naming the file and the problem."""
     models_file = read_checked(settings.models_file)
+    runtime = runtime_of(settings)
     log.info(
-        "loading %d model(s) from %s on %s (%s)",
+        "loading %d model(s) from %s on %s (%s), runtime %s (%s)",
         len(models_file.specs),
         models_file.path,
         settings.torch_device,
         settings.precision,
+        runtime.name,
+        runtime.reason,
     )
     return [load_entry(models_file, spec, settings, metrics) for spec in models_file.specs]
+
+
+def runtime_of(settings: Settings) -> RuntimeChoice:
+    """``settings.runtime_choice``; raises StartupError when the runtime asked for cannot run here."""
+    try:
+        return settings.runtime_choice
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def read_checked(path: Path) -> ModelsFile:
@@ -438,40 +454,48 @@ def read_checked(path: Path) -> ModelsFile:
 
 
 def load_entry(models_file: ModelsFile, spec: ModelSpec, settings: Settings, metrics: Metrics) -> LoadedModel:
-    """One entry of ``models_file`` loaded (and, for int8, quantized), with its version. Raises
+    """One entry of ``models_file`` loaded and made ready for its runtime and precision (int8:
+    quantized; OpenVINO: converted; both checked against torch fp32), with its version. Raises
     StartupError naming the file and the problem."""
-    calibration = calibration_dir(models_file, spec, settings)
+    runtime = runtime_of(settings)
     try:
         predictor = load_one(spec, settings, metrics)
-        if settings.int8:
-            predictor = quantize_one(predictor, calibration)
+        predictor, agreement = adapt_one(predictor, settings, images_dir(models_file, spec, settings))
     except (CheckpointError, ModelConfigError) as exc:
         raise StartupError(f"{models_file.path}: {exc}") from None
     version = ModelVersion(
-        version_id(spec, predictor.info.sha256, settings, calibration),
+        version_id(spec, predictor.info.sha256, settings, calibration_dir(models_file, spec, settings)),
         predictor.info.sha256,
         str(spec.weights),
         time.time(),
+        runtime.name,
+        agreement,
     )
     return LoadedModel(predictor, version, models_file.defaults.get(spec.task) == spec.name)
 
 
+def images_dir(models_file: ModelsFile, spec: ModelSpec, settings: Settings) -> Path | None:
+    """The folder of ``spec``'s own kind of images: its entry's ``calibration_dir``, else
+    ``VISION_INT8_CALIBRATION_DIR``; None when neither is set."""
+    return models_file.calibration_dirs.get(spec.name) or settings.int8_calibration_dir
+
+
 def calibration_dir(models_file: ModelsFile, spec: ModelSpec, settings: Settings) -> Path | None:
     """Where ``spec``'s int8 calibration images are (None: not int8, or none given)."""
-    if not settings.int8:
-        return None
-    return models_file.calibration_dirs.get(spec.name) or settings.int8_calibration_dir
+    return images_dir(models_file, spec, settings) if settings.int8 else None
 
 
 def version_id(spec: ModelSpec, sha256: str | None, settings: Settings, calibration: Path | None) -> str:
     """12 hex digits naming what a model answers with: the checkpoint's SHA-256, the entry (labels,
-    request defaults, preprocessing; not its name or file path), the precision, the calibration."""
+    request defaults, preprocessing; not its name or file path), the precision, the calibration,
+    the runtime."""
     entry = {key: value for key, value in asdict(spec).items() if key not in ("name", "weights")}
     described = {
         "sha256": sha256,
         "entry": entry,
         "precision": settings.precision,
         "calibration": calibration,
+        "runtime": runtime_of(settings).name,
     }
     digest = hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode("utf-8"))
     return digest.hexdigest()[:12]
@@ -494,30 +518,65 @@ def load_one(spec: ModelSpec, settings: Settings, metrics: Metrics) -> Classifie
     return predictor
 
 
-def quantize_one(predictor: Classifier | Detector, calibration_dir: Path | None) -> Classifier | Detector:
-    """Quantize a CPU fp32 predictor to int8, calibrated on ``calibration_dir``; log the accuracy cost.
+def adapt_one(
+    predictor: Classifier | Detector, settings: Settings, folder: Path | None
+) -> tuple[Classifier | Detector, dict[str, Any] | None]:
+    """The loaded predictor made ready for the settings' runtime and precision, and the agreement
+    check at start: its answers against the torch fp32 predictor it was, on its calibration images
+    in ``folder`` (``models.apply_with_report``: in-sample), logged; None when nothing changed or, for
+    OpenVINO fp32, when there are no images to check on.
 
-    Raises ModelConfigError when there are no calibration images: int8 is never calibrated on
-    something that is not the model's own kind of image.
+    torch at fp32 / bf16 / fp16 serves the predictor as loaded; torch int8 quantizes it
+    (``models.quantize_predictor``); OpenVINO converts its network, at int8 quantized by NNCF
+    (``models.use_openvino``), calibrated on the same images as the torch int8 path. Raises
+    ModelConfigError when int8 has no calibration images, or conversion fails.
     """
+    runtime = runtime_of(settings).name
     name = predictor.info.name
-    if calibration_dir is None:
+    if runtime == "torch" and not settings.int8:
+        return predictor, None
+    if settings.int8 and folder is None:
         raise ModelConfigError(
             f"model {name!r}: VISION_PRECISION=int8 needs calibration images of the model's own kind: "
             "set VISION_INT8_CALIBRATION_DIR, or calibration_dir in the models file entry"
         )
     start = time.perf_counter()
-    images = load_calibration_images(calibration_dir)
-    predictor, report = quantize_predictor_with_report(predictor, images)
-    shown = {key: round(value, 4) if isinstance(value, float) else value for key, value in report.items()}
+    images = load_calibration_images(folder) if folder is not None else []
+    change: Callable[[Classifier | Detector], Classifier | Detector]
+    if runtime == "openvino":
+        precision: Literal["fp32", "int8"] = "int8" if settings.int8 else "fp32"
+        cache, threads = settings.openvino_cache_dir, settings.torch_threads
+        what = f"OpenVINO {precision}"
+
+        def change(p: Classifier | Detector) -> Classifier | Detector:
+            return use_openvino(p, precision, images, cache_dir=cache, threads=threads)
+
+    else:
+        what = "torch int8"
+
+        def change(p: Classifier | Detector) -> Classifier | Detector:
+            return quantize_predictor(p, images)
+
+    if not images:  # OpenVINO fp32 without images of the model's kind: converted, not checked
+        predictor = change(predictor)
+        log.warning(
+            "model %s runs on %s (ready in %.1f s); no agreement check against torch fp32: no "
+            "calibration_dir in its entry and no VISION_INT8_CALIBRATION_DIR",
+            name,
+            what,
+            time.perf_counter() - start,
+        )
+        return predictor, None
+    predictor, report = apply_with_report(predictor, images, change)
     log.info(
-        "model %s quantized to int8 on %d calibration images from %s in %.1f s; "
-        "int8 vs fp32 on %d of them (in-sample): %s",
+        "model %s runs on %s (ready in %.1f s, %d images from %s); agreement with torch fp32 on %d "
+        "of them (in-sample): %s",
         name,
-        len(images),
-        calibration_dir,
+        what,
         time.perf_counter() - start,
+        len(images),
+        folder,
         report["images"],
-        shown,
+        {key: float(f"{value:.4g}") if isinstance(value, float) else value for key, value in report.items()},
     )
-    return predictor
+    return predictor, report

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.settings import Runtime
 from models import ClassifyOptions, DetectParams
 
 # -- request parameters: limits declared once ---------------------------------------------------
@@ -117,6 +118,33 @@ class ModelVersionInfo(_Strict):
     loaded_at: str = Field(description="ISO 8601, UTC")
 
 
+class ClassifierAgreement(_Strict):
+    """A classifier's agreement check at start (``models.agreement_report``): softmax scores against
+    torch fp32's on the same images."""
+
+    images: int = Field(description="calibration images compared (the first 16 at most)")
+    top1_agreement: float = Field(description="share of images with the same top-1 class")
+    score_diff_max: float = Field(description="largest |score difference| over all images and classes")
+    top1_score_diff_max: float = Field(description="largest |score difference| at torch fp32's top-1 class")
+    top1_score_diff_mean: float = Field(description="mean |score difference| at torch fp32's top-1 class")
+
+
+class DetectorAgreement(_Strict):
+    """A detector's agreement check at start (``models.agreement_report``): torch fp32's detections
+    with score >= 0.5, matched to this model's of the same class on the same images."""
+
+    images: int = Field(description="calibration images compared (the first 16 at most)")
+    reference_detections: int = Field(description="torch fp32's detections with score >= 0.5")
+    matched: int = Field(description="of those, matched at IoU >= 0.5 (greedy, one to one)")
+    recall: float | None = Field(description="matched / reference_detections (null: none)")
+    high_iou_recall: float | None = Field(description="share found again at IoU >= 0.9 (null: none)")
+    score_diff_max: float | None = Field(description="over matched pairs (null: no match)")
+    score_diff_mean: float | None
+    box_diff_max_px: float | None = Field(description="largest coordinate difference over matched pairs, px")
+    box_diff_mean_px: float | None
+    extra_detections: int = Field(description="this model's detections >= 0.5 left unmatched")
+
+
 class ModelSummary(_Strict):
     name: str
     task: Literal["classify", "detect"]
@@ -129,6 +157,11 @@ class ModelSummary(_Strict):
     default: bool = Field(description="the default model of its task")
     sha256: str | None
     ready: bool = Field(description="warmed up and serving")
+    runtime: Runtime = Field(description="what runs the network (VISION_RUNTIME resolved)")
+    agreement: ClassifierAgreement | DetectorAgreement | None = Field(
+        description="the agreement check at start: this model against torch fp32 on its calibration "
+        "images (in-sample); null when none ran (torch at fp32, bf16 or fp16; OpenVINO fp32 without images)"
+    )
     version: ModelVersionInfo
 
 

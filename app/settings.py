@@ -9,6 +9,10 @@ bf16 support, or a CPU with AMX or AVX512-BF16 (``/proc/cpuinfo`` flags ``amx_bf
 ``avx512_bf16``) -- and fp32 everywhere else. It never picks int8 or fp16. ``int8`` (CPU only)
 loads fp32 weights and quantizes them, calibrated on ``int8_calibration_dir`` (or a models-file
 entry's ``calibration_dir``); without calibration images the start stops.
+
+``runtime`` says what runs the networks: torch, or OpenVINO (CPU, fp32 or int8: the optional
+openvino extra) behind the same pre- and post-processing. ``auto`` takes OpenVINO where it is
+installed and applies, else torch; :attr:`Settings.runtime_choice` resolves it once, with the reason.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -36,6 +41,18 @@ PUBLIC_MODELS_FILE = Path("weights/public.toml")
 DEPLOYMENT_VARIABLES = frozenset({"VISION_HOST_PORT", "VISION_TORCH_INDEX", "VISION_IMAGE", "VISION_2_GPU"})
 
 
+#: What can run a served model's network (``VISION_RUNTIME`` resolved).
+Runtime = Literal["torch", "openvino"]
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime that runs every model's network, and why (logged at start)."""
+
+    name: Runtime
+    reason: str
+
+
 def _default_decode_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
@@ -52,6 +69,16 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = Field(
         default="fp32",
         description="inference dtype; auto = bf16 where the device does it natively, else fp32",
+    )
+    runtime: Literal["torch", "openvino", "auto"] = Field(
+        default="torch",
+        description="what runs the networks: torch; openvino (CPU only, fp32 or int8; the openvino extra); "
+        "auto = openvino where it is installed and applies, else torch",
+    )
+    openvino_cache_dir: Path | None = Field(
+        default=None,
+        description="folder where models converted for runtime openvino are kept and read back by later "
+        "starts and by every worker (default: none, each start converts)",
     )
     max_body_bytes: int = Field(default=20 * MiB, gt=0, description="largest request body in bytes")
     max_image_pixels: int = Field(
@@ -190,6 +217,24 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_runtime(self) -> Settings:
+        if self.runtime != "openvino":
+            return self
+        from models import OPENVINO_PRECISIONS  # torch: only for runtime openvino
+
+        if self.device.startswith("cuda"):
+            raise ValueError(
+                "runtime openvino runs on the CPU only; set VISION_DEVICE=cpu, or use VISION_RUNTIME=torch "
+                "(or auto) on CUDA"
+            )
+        if self.precision not in OPENVINO_PRECISIONS:
+            raise ValueError(
+                f"runtime openvino runs precision {' or '.join(OPENVINO_PRECISIONS)}, not {self.precision}; "
+                f"set VISION_PRECISION to one of them, or use VISION_RUNTIME=torch (or auto)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _no_unknown_variables(self) -> Settings:
         unknown = unknown_variables(os.environ)
         if unknown:
@@ -247,6 +292,45 @@ class Settings(BaseSettings):
                 )
             return "fp32"
         return self.precision
+
+    @cached_property
+    def runtime_choice(self) -> RuntimeChoice:
+        """What runs the networks: ``runtime`` resolved for :attr:`torch_device` and the precision,
+        with the reason. ``openvino`` is checked (a CPU device, the packages importable); ``auto``
+        takes OpenVINO on the CPU at fp32 or int8 when its packages import, else torch.
+
+        Raises ValueError when ``openvino`` cannot run here (the message says what to do).
+        """
+        if self.runtime == "torch":
+            return RuntimeChoice("torch", "VISION_RUNTIME=torch")
+        from models import OPENVINO_PRECISIONS, ModelConfigError, require_openvino
+
+        device = self.torch_device
+        precision = "int8" if self.int8 else self.torch_precision
+        if self.runtime == "openvino":
+            if device != "cpu":
+                raise ValueError(
+                    f"VISION_RUNTIME=openvino runs on the CPU only, but the device is {device}: "
+                    "set VISION_DEVICE=cpu, or use VISION_RUNTIME=torch (or auto)"
+                )
+            try:
+                require_openvino(precision)
+            except ModelConfigError as exc:
+                raise ValueError(f"VISION_RUNTIME=openvino: {exc}") from None
+            return RuntimeChoice("openvino", "VISION_RUNTIME=openvino")
+        if device != "cpu":
+            return RuntimeChoice("torch", f"auto: the device is {device}, and OpenVINO runs on the CPU only")
+        if precision not in OPENVINO_PRECISIONS:
+            return RuntimeChoice(
+                "torch",
+                f"auto: OpenVINO runs {' or '.join(OPENVINO_PRECISIONS)}, and the precision is {precision}",
+            )
+        try:
+            modules = require_openvino(precision)
+        except ModelConfigError as exc:
+            return RuntimeChoice("torch", f"auto: {exc}")
+        versions = ", ".join(f"{m.__name__} {m.__version__}" for m in modules if m is not None)
+        return RuntimeChoice("openvino", f"auto: {precision} on the CPU, and {versions} installed")
 
     @property
     def jpeg_on_device(self) -> bool:

@@ -9,9 +9,11 @@ Stages, per model, each time-boxed, a failure recorded and the next stage run:
    (int8 quantized by NNCF on the same calibration images), first repeat only (CPU); the report's
    bar for each precision is the faster of the two model-only runtimes;
 4. each server configuration, one process at a time: ours (``python -m app``) at each precision
-   asked for, then the peers (plain FastAPI, LitServe) at fp32 and at ours' precision. Each is
-   started, polled until ready, swept in closed loop over the clients levels, driven in open loop at
-   multiples of the capacity it just showed, and stopped. Repeats rotate the order (interleaving).
+   and runtime asked for (``--ours-runtimes torch,openvino``: OpenVINO at fp32 and int8, labelled
+   e.g. "ours int8 openvino"), then the peers (plain FastAPI, LitServe) at fp32 and at ours'
+   precision. Each is started, polled until ready, swept in closed loop over the clients levels,
+   driven in open loop at multiples of the capacity it just showed, and stopped. Repeats rotate
+   the order (interleaving).
 
 Level tokens (``--concurrency``): ``C`` clients, ``CxK`` with K images per request, ``@WxH`` for
 another image size: ``1,4,16,32x8,16@1920x1080``.
@@ -82,6 +84,12 @@ class Level:
         return level
 
 
+def _openvino_precisions() -> tuple[str, ...]:
+    from models import OPENVINO_PRECISIONS  # torch: only when configurations are built
+
+    return OPENVINO_PRECISIONS
+
+
 def parse_levels(text: str, default_size: str) -> list[Level]:
     return [Level.parse(t, default_size) for t in text.split(",") if t.strip()]
 
@@ -111,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a checkout of another commit (git worktree): each ours configuration also runs from it, "
         "labelled '(baseline)', in the same rounds, to compare two versions of the service side by side",
+    )
+    p.add_argument(
+        "--ours-runtimes",
+        type=_csv,
+        default=["torch"],
+        help="VISION_RUNTIME values to run ours with, e.g. torch,openvino (one configuration each; "
+        "default torch); a configuration's label names a runtime other than torch",
     )
     p.add_argument(
         "--ours-workers",
@@ -303,20 +318,28 @@ class Bench:
         headers = [("X-Request-Timeout-Ms", str(int(a.deadline_ms)))] if a.deadline_ms else []
         configs = []
         for p in a.ours:
-            for workers in a.ours_workers:
-                env = dict(extra)
-                if p == "int8":  # calibrated at start on bench.inputs' calibration images
-                    env.setdefault("VISION_INT8_CALIBRATION_DIR", str(a.work_dir / "calibration"))
-                label = f"ours {p}"
-                if workers > 1:  # app/workers.py: that many serving processes on the port
-                    env["VISION_WORKERS"] = str(workers)
-                    label += f" x{workers} workers"
-                configs.append(ours_config(label, a.work_dir, model, p, a.device, env, headers))
-                if a.ours_baseline is not None:
-                    baseline = ours_config(
-                        f"{label} (baseline)", a.work_dir, model, p, a.device, env, headers
-                    )
-                    configs.append(dataclasses.replace(baseline, cwd=a.ours_baseline.resolve()))
+            for runtime in a.ours_runtimes:
+                if runtime == "openvino" and p not in _openvino_precisions():
+                    continue  # the service refuses it at start (app/settings.py)
+                for workers in a.ours_workers:
+                    env = dict(extra)
+                    label = f"ours {p}"
+                    if runtime != "torch":  # app/settings.py: VISION_RUNTIME
+                        env["VISION_RUNTIME"] = runtime
+                        label += f" {runtime}"
+                    if p == "int8" or runtime != "torch":
+                        # int8 is calibrated at start on bench.inputs' calibration images; another
+                        # runtime at fp32 is checked against torch on them
+                        env.setdefault("VISION_INT8_CALIBRATION_DIR", str(a.work_dir / "calibration"))
+                    if workers > 1:  # app/workers.py: that many serving processes on the port
+                        env["VISION_WORKERS"] = str(workers)
+                        label += f" x{workers} workers"
+                    configs.append(ours_config(label, a.work_dir, model, p, a.device, env, headers))
+                    if a.ours_baseline is not None:
+                        baseline = ours_config(
+                            f"{label} (baseline)", a.work_dir, model, p, a.device, env, headers
+                        )
+                        configs.append(dataclasses.replace(baseline, cwd=a.ours_baseline.resolve()))
         for kind in a.peers:
             for precision in a.peer_precisions:
                 careful = precision != "fp32" and a.allocator == "careful"

@@ -11,10 +11,11 @@ Callers use the names exported here:
                    [DetectParams(score_threshold=0.5)] * len(rgb_pil_images))
 """
 
-from models.agreement import agreement_report, reference_outputs
+from models.agreement import agreement_report, apply_with_report, reference_outputs
 from models.checkpoints import sha256_file
 from models.errors import CheckpointError, ModelConfigError
 from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
+from models.openvino_runtime import OPENVINO_PRECISIONS, require_openvino, use_openvino
 from models.predictors import Classifier, Detector, Predictor, check_device_name, load_model, resolve_device
 from models.quantize import (
     load_calibration_images,
@@ -45,6 +46,7 @@ __all__ = [
     "DEVICE_PATTERN",
     "FORMATS",
     "IMAGENET_CATEGORIES",
+    "OPENVINO_PRECISIONS",
     "TASK_OPTIONS",
     "VOC_CLASSES",
     "CheckpointError",
@@ -61,6 +63,7 @@ __all__ = [
     "Predictor",
     "Task",
     "agreement_report",
+    "apply_with_report",
     "check_device_name",
     "load_calibration_images",
     "load_model",
@@ -68,6 +71,8 @@ __all__ = [
     "quantize_predictor",
     "quantize_predictor_with_report",
     "reference_outputs",
+    "require_openvino",
     "resolve_device",
     "sha256_file",
+    "use_openvino",
 ]

@@ -3,13 +3,15 @@
 Used wherever a second version of a model must answer like the first: int8 against fp32
 (``models.quantize``), another runtime against torch, a reloaded checkpoint against the one it
 replaces (the service's ``verify_dir``). :func:`reference_outputs` runs a predictor on images;
-:func:`agreement_report` compares two such outputs.
+:func:`agreement_report` compares two such outputs; :func:`apply_with_report` changes a predictor
+(quantizes it, moves it to another runtime) and reports how closely the result answers like the
+predictor it was: the service's agreement check at start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +19,29 @@ from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from models.errors import ModelConfigError
 from models.preprocess import calibration_batches
 from models.types import DetectOutput, DetectParams
 
 if TYPE_CHECKING:
     from models.predictors import Predictor
 
-__all__ = ["MATCH_IOU", "agreement_report", "reference_outputs"]
+__all__ = [
+    "HIGH_IOU",
+    "MATCH_IOU",
+    "agreement_report",
+    "apply_with_report",
+    "high_iou_recall",
+    "reference_outputs",
+]
 
 #: A reference detection and a candidate one of the same class match at this IoU or more.
 MATCH_IOU = 0.5
+#: The stricter bar of the agreement check at start (issue 15): the same box, not a neighbour.
+HIGH_IOU = 0.9
+
+#: a Classifier or a Detector: :func:`apply_with_report` returns what ``change`` returns
+P = TypeVar("P", bound="Predictor[Any, Any]")
 
 
 def reference_outputs(
@@ -72,7 +87,8 @@ def agreement_report(
     reference, None without reference detections); ``score_diff_max`` / ``score_diff_mean`` (|score
     difference| over matched pairs) and ``box_diff_max_px`` / ``box_diff_mean_px`` (per pair the largest
     |coordinate difference| in pixels, then its max / mean over pairs), None without matches;
-    ``extra_detections`` (candidate detections >= ``score_threshold`` left unmatched).
+    ``extra_detections`` (candidate detections >= ``score_threshold`` left unmatched);
+    ``high_iou_recall`` (:func:`high_iou_recall`: found again at IoU >= :data:`HIGH_IOU`).
 
     NMS makes the matching approximate: where the reference keeps one of several near-equal boxes, the
     candidate may keep a neighbour, which then matches with a larger box difference (IoU >= 0.5 still).
@@ -156,4 +172,55 @@ def _detector_agreement(
         "box_diff_max_px": max(box_diffs) if matched else None,
         "box_diff_mean_px": sum(box_diffs) / matched if matched else None,
         "extra_detections": n_extra,
+        "high_iou_recall": high_iou_recall(reference, candidate, score_threshold=score_threshold),
     }
+
+
+def high_iou_recall(
+    reference: Sequence[DetectOutput],
+    candidate: Sequence[DetectOutput],
+    *,
+    iou: float = HIGH_IOU,
+    score_threshold: float = 0.5,
+) -> float | None:
+    """The fraction of ``reference`` detections with score >= ``score_threshold`` that have a
+    ``candidate`` detection of the same class (any score) overlapping them at IoU >= ``iou``, over
+    images in order; None when the reference has no such detection. Unlike the greedy matching of
+    :func:`agreement_report`, a candidate box may serve several reference boxes: this asks "is the
+    same box still there", not "how many boxes correspond"."""
+    if len(reference) != len(candidate):
+        raise ValueError(f"one output per image on each side, got {len(reference)} and {len(candidate)}")
+    total = found = 0
+    for ref, cand in zip(reference, candidate, strict=True):
+        keep = ref.scores >= score_threshold
+        total += int(keep.sum())
+        if cand.boxes.shape[0] == 0 or not bool(keep.any()):
+            continue
+        overlap = box_iou(ref.boxes[keep].float(), cand.boxes.float())  # (R, M)
+        same = ref.class_ids[keep][:, None] == cand.class_ids[None, :]  # (R, M)
+        found += int(((overlap >= iou) & same).any(dim=1).sum())
+    return found / total if total else None
+
+
+def apply_with_report(
+    predictor: P,
+    images: Sequence[Image.Image],
+    change: Callable[[P], P],
+    *,
+    report_images: int = 16,
+    batch_size: int = 8,
+) -> tuple[P, dict[str, Any]]:
+    """``change(predictor)``, and :func:`agreement_report` of the changed predictor against the
+    predictor as it was, on the first ``report_images`` of ``images``.
+
+    Used with the calibration images, this is an in-sample figure: it shows a broken conversion or
+    calibration at once, but a held-out set of the model's own images is the real measure. Raises
+    ModelConfigError without images.
+    """
+    sample = list(images[:report_images])
+    if not sample:
+        raise ModelConfigError("the agreement check needs at least one image of the model's own kind")
+    reference = reference_outputs(predictor, sample, batch_size)
+    changed = change(predictor)
+    candidate = reference_outputs(changed, sample, batch_size)
+    return changed, agreement_report(reference, candidate)

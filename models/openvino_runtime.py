@@ -37,23 +37,21 @@ from typing import Any, Literal, TypeVar, get_args
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
-from models.agreement import agreement_report, reference_outputs
+from models.agreement import apply_with_report
 from models.errors import ModelConfigError
 from models.predictors import Predictor
 from models.preprocess import calibration_batches
-from models.types import DetectOutput
 
 P = TypeVar("P", bound="Predictor[Any, Any]")
 
 __all__ = [
+    "OPENVINO_PRECISIONS",
     "OpenVINONetwork",
     "OpenVINOPrecision",
     "cache_key",
     "compile_network",
     "convert_network",
-    "high_iou_recall",
     "quantize_network",
     "require_openvino",
     "use_openvino",
@@ -62,28 +60,28 @@ __all__ = [
 
 OpenVINOPrecision = Literal["fp32", "int8"]
 #: The precisions this runtime offers.
-PRECISIONS: tuple[str, ...] = get_args(OpenVINOPrecision)
-#: IoU at which an int8 detection counts as the same box as fp32's (issue 15's agreement check).
-AGREEMENT_IOU = 0.9
+OPENVINO_PRECISIONS: tuple[str, ...] = get_args(OpenVINOPrecision)
+#: What to install for this runtime (pyproject.toml's extra pins the tested versions).
+INSTALL_HINT = "install the project's openvino extra (pip install -e '.[openvino]')"
 
 
 def require_openvino(precision: str = "fp32") -> tuple[ModuleType, ModuleType | None]:
     """The ``openvino`` module, and ``nncf`` for int8 (None otherwise).
 
     Raises ModelConfigError naming the missing package when it is not installed, or when
-    ``precision`` is not one of :data:`PRECISIONS`.
+    ``precision`` is not one of :data:`OPENVINO_PRECISIONS`.
     """
-    if precision not in PRECISIONS:
+    if precision not in OPENVINO_PRECISIONS:
         raise ModelConfigError(
-            f"the OpenVINO runtime runs {' or '.join(PRECISIONS)}, not {precision!r}; use torch for other "
-            f"precisions"
+            f"the OpenVINO runtime runs {' or '.join(OPENVINO_PRECISIONS)}, not {precision!r}; "
+            "use torch for other precisions"
         )
     try:
         import openvino
     except ImportError as e:
         raise ModelConfigError(
             f"the OpenVINO runtime needs the 'openvino' package, which cannot be imported here ({e}); "
-            f"install it (pyproject.toml's bench extra pins the tested version) or use the torch runtime"
+            f"{INSTALL_HINT}, or use the torch runtime"
         ) from e
     if precision != "int8":
         return openvino, None
@@ -92,8 +90,7 @@ def require_openvino(precision: str = "fp32") -> tuple[ModuleType, ModuleType | 
     except ImportError as e:
         raise ModelConfigError(
             f"int8 with the OpenVINO runtime needs the 'nncf' package (post-training quantization), which "
-            f"cannot be imported here ({e}); install it (pyproject.toml's bench extra pins the tested "
-            f"version), or use fp32"
+            f"cannot be imported here ({e}); {INSTALL_HINT}, or use fp32 or the torch runtime"
         ) from e
     return openvino, nncf
 
@@ -277,30 +274,6 @@ def use_openvino(
     return predictor
 
 
-def high_iou_recall(
-    reference: Sequence[DetectOutput],
-    candidate: Sequence[DetectOutput],
-    *,
-    iou: float = AGREEMENT_IOU,
-    score_threshold: float = 0.5,
-) -> float | None:
-    """The fraction of ``reference`` detections with score >= ``score_threshold`` that have a
-    ``candidate`` detection of the same class (any score) overlapping them at IoU >= ``iou``, over
-    images in order; None when the reference has no such detection."""
-    if len(reference) != len(candidate):
-        raise ValueError(f"one output per image on each side, got {len(reference)} and {len(candidate)}")
-    total = found = 0
-    for ref, cand in zip(reference, candidate, strict=True):
-        keep = ref.scores >= score_threshold
-        total += int(keep.sum())
-        if cand.boxes.shape[0] == 0 or not bool(keep.any()):
-            continue
-        overlap = box_iou(ref.boxes[keep].float(), cand.boxes.float())  # (R, M)
-        same = ref.class_ids[keep][:, None] == cand.class_ids[None, :]  # (R, M)
-        found += int(((overlap >= iou) & same).any(dim=1).sum())
-    return found / total if total else None
-
-
 def use_openvino_with_report(
     predictor: P,
     precision: OpenVINOPrecision,
@@ -311,18 +284,11 @@ def use_openvino_with_report(
     threads: int | None = None,
 ) -> tuple[P, dict[str, Any]]:
     """:func:`use_openvino`, plus how closely the OpenVINO network reproduces the torch fp32 one on the
-    first ``report_images`` of ``images``: :func:`~models.agreement.agreement_report` (fp32 torch as
-    reference) and, for detectors, ``iou_0.9_recall`` (:func:`high_iou_recall`). For fp32 it is the
-    fidelity check, for int8 the accuracy cost, measured in-sample on calibration images."""
-    sample = list(images[:report_images])
-    if not sample:
-        raise ModelConfigError("the OpenVINO runtime's agreement check needs at least one image")
-    reference = reference_outputs(predictor, sample)
-    use_openvino(predictor, precision, images, cache_dir=cache_dir, threads=threads)
-    candidate = reference_outputs(predictor, sample)
-    report = agreement_report(reference, candidate)
-    if not isinstance(reference, Tensor) and not isinstance(candidate, Tensor):
-        report[f"iou_{AGREEMENT_IOU:g}_recall"] = high_iou_recall(reference, candidate)
-    report["runtime"] = "openvino"
-    report["precision"] = precision
-    return predictor, report
+    first ``report_images`` of ``images`` (:func:`~models.agreement.apply_with_report`). For fp32 it is
+    the fidelity check, for int8 the accuracy cost, measured in-sample on calibration images."""
+    return apply_with_report(
+        predictor,
+        images,
+        lambda p: use_openvino(p, precision, images, cache_dir=cache_dir, threads=threads),
+        report_images=report_images,
+    )

@@ -49,7 +49,7 @@ from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-from models.agreement import MATCH_IOU, agreement_report, reference_outputs
+from models.agreement import MATCH_IOU, agreement_report, apply_with_report, reference_outputs
 from models.errors import ModelConfigError
 from models.preprocess import calibration_batches
 from models.ssd import SSD, L2Norm, SSDConfig, feature_sources
@@ -297,14 +297,12 @@ def quantize_predictor(predictor: P, images: Sequence[Image.Image], batch_size: 
 def quantize_predictor_with_report(
     predictor: P, images: Sequence[Image.Image], *, batch_size: int = 8, report_images: int = 16
 ) -> tuple[P, dict[str, Any]]:
-    """:func:`quantize_predictor`, plus the accuracy cost on the first ``report_images`` of ``images``.
-
-    The report (:func:`agreement_report`, fp32 against int8) is measured on calibration images, so it is
-    an in-sample figure: it shows a broken calibration at once, but a held-out set of the model's own
-    images is the real measure.
-    """
-    sample = list(images[:report_images])
-    reference = reference_outputs(predictor, sample, batch_size)
-    quantize_predictor(predictor, images, batch_size)
-    candidate = reference_outputs(predictor, sample, batch_size)
-    return predictor, agreement_report(reference, candidate)
+    """:func:`quantize_predictor`, plus the accuracy cost on the first ``report_images`` of ``images``
+    (:func:`~models.agreement.apply_with_report`: int8 against the fp32 predictor it was, in-sample)."""
+    return apply_with_report(
+        predictor,
+        images,
+        lambda p: quantize_predictor(p, images, batch_size),
+        report_images=report_images,
+        batch_size=batch_size,
+    )

@@ -30,6 +30,8 @@ def describe(model: AnyModel, *, detail: bool = False) -> dict[str, Any]:
         "default": model.default,
         "sha256": info.sha256,
         "ready": model.ready,
+        "runtime": model.version.runtime,
+        "agreement": model.version.agreement,
         "version": {
             "id": model.version.id,
             "sha256": model.version.sha256,

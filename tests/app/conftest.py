@@ -6,10 +6,12 @@ loaded, so each checkpoint is read once per session."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from importlib.resources import files
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from app.models_file import ModelsFile, read_models_file
 from models import Classifier, Detector
@@ -26,6 +28,26 @@ def tiny_models_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def classifier_models_file(tiny_models_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny classifier alone."""
     return subset_models_file(tiny_models_file, [CLASSIFIER], tmp_path_factory.mktemp("classifier"))
+
+
+@pytest.fixture(scope="session")
+def calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Crops of scikit-learn's two photos: real images, as a user's calibration folder would hold
+    (int8 calibration, and the agreement check at start)."""
+    folder = tmp_path_factory.mktemp("calib")
+    for name in ("china.jpg", "flower.jpg"):
+        with Image.open(str(files("sklearn.datasets") / "images" / name)) as photo:
+            photo = photo.convert("RGB")
+            width, height = photo.size
+            for index, box in enumerate(
+                [
+                    (0, 0, width, height),
+                    (0, 0, width // 2, height // 2),
+                    (width // 3, height // 3, width, height),
+                ]
+            ):
+                photo.crop(box).save(folder / f"{Path(name).stem}-{index}.png")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,8 @@ async def test_models_list(client: httpx.AsyncClient) -> None:
         assert set(m) >= CONTRACT_FIELDS
         assert (m["device"], m["dtype"]) == ("cpu", "float32")
         assert re.fullmatch(r"[0-9a-f]{64}", m["sha256"])
+        # torch at fp32: the networks as loaded, so no agreement check ran
+        assert (m["runtime"], m["agreement"]) == ("torch", None)
     assert by_name[CLASSIFIER]["input_size"] == {"width": 224, "height": 224}
     assert by_name[DETECTOR]["input_size"] == {"width": 300, "height": 300}
     assert (by_name[CLASSIFIER]["task"], by_name[CLASSIFIER]["arch"], by_name[CLASSIFIER]["format"]) == (

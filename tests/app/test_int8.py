@@ -6,7 +6,6 @@ from importlib.resources import files
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from pydantic import ValidationError
 
 from app.inference import StartupError, load_models
@@ -42,25 +41,6 @@ def test_calibration_dir_in_the_models_file_is_relative_to_it(tmp_path: Path) ->
     assert read_models_file(models).calibration_dirs == {"c": models.parent / "calib"}
 
 
-@pytest.fixture(scope="module")
-def calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Crops of scikit-learn's two photos: real images, as a user's calibration folder would hold."""
-    folder = tmp_path_factory.mktemp("calib")
-    for name in ("china.jpg", "flower.jpg"):
-        with Image.open(str(files("sklearn.datasets") / "images" / name)) as photo:
-            photo = photo.convert("RGB")
-            width, height = photo.size
-            for index, box in enumerate(
-                [
-                    (0, 0, width, height),
-                    (0, 0, width // 2, height // 2),
-                    (width // 3, height // 3, width, height),
-                ]
-            ):
-                photo.crop(box).save(folder / f"{Path(name).stem}-{index}.png")
-    return folder
-
-
 def test_int8_predictors_are_quantized(
     tiny_models_file: Path, calibration_dir: Path, tiny_predictors: list[Classifier | Detector]
 ) -> None:
@@ -76,8 +56,15 @@ def test_int8_predictors_are_quantized(
 async def test_int8_models_serve_the_same_contract(tiny_models_file: Path, calibration_dir: Path) -> None:
     photo = (files("sklearn.datasets") / "images" / "china.jpg").read_bytes()
     async with serve(tiny_models_file, precision="int8", int8_calibration_dir=calibration_dir) as client:
-        listed = {m["name"]: m["dtype"] for m in (await client.get("/v1/models")).json()["models"]}
-        assert listed[CLASSIFIER] == listed[DETECTOR] == "int8"
+        listed = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+        assert listed[CLASSIFIER]["dtype"] == listed[DETECTOR]["dtype"] == "int8"
+        assert listed[CLASSIFIER]["runtime"] == listed[DETECTOR]["runtime"] == "torch"
+        # the agreement check at start, against torch fp32 on the six calibration images
+        agreement = listed[CLASSIFIER]["agreement"]
+        assert agreement["images"] == 6 and 0 < agreement["top1_agreement"] <= 1
+        boxes = listed[DETECTOR]["agreement"]
+        assert boxes["images"] == 6 and boxes["reference_detections"] > 0
+        assert 0 < boxes["high_iou_recall"] <= boxes["recall"] <= 1
         classified = await client.post("/v1/classify?top_k=3", files={"file": ("c.jpg", photo, "image/jpeg")})
         assert classified.status_code == 200
         scores = [p["score"] for p in classified.json()["results"][0]["predictions"]]

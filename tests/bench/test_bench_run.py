@@ -109,6 +109,35 @@ def test_a_baseline_checkout_runs_beside_ours(tmp_path: Path) -> None:
     assert dict(baseline.env) == dict(configs["ours int8"].env)  # the same settings, the other code
 
 
+def test_ours_runs_with_each_runtime_asked_for(tmp_path: Path) -> None:
+    assert args_for().ours_runtimes == ["torch"]  # by default, ours as it serves by default
+    args = args_for("--out", str(tmp_path), "--ours-runtimes", "torch,openvino", "--peers", "none",
+                    "--ours-workers", "1,2")  # fmt: skip
+    configs = {c.label: c for c in Bench(args).server_configs("vgg16")}
+    # every precision with torch; OpenVINO only where it runs (fp32, int8): bf16 would stop the start
+    assert list(configs) == [
+        "ours int8",
+        "ours int8 x2 workers",
+        "ours int8 openvino",
+        "ours int8 openvino x2 workers",
+        "ours bf16",
+        "ours bf16 x2 workers",
+        "ours fp32",
+        "ours fp32 x2 workers",
+        "ours fp32 openvino",
+        "ours fp32 openvino x2 workers",
+    ]
+    calibration = str(tmp_path / "work" / "calibration")
+    assert "VISION_RUNTIME" not in configs["ours int8"].env  # torch: the service's default
+    openvino = configs["ours int8 openvino"]
+    assert openvino.env["VISION_RUNTIME"] == "openvino" and openvino.precision == "int8"
+    assert openvino.env["VISION_INT8_CALIBRATION_DIR"] == calibration  # the same images as torch int8
+    # OpenVINO fp32 gets them too, for the agreement check against torch at start; torch fp32 needs none
+    assert configs["ours fp32 openvino"].env["VISION_INT8_CALIBRATION_DIR"] == calibration
+    assert "VISION_INT8_CALIBRATION_DIR" not in configs["ours fp32"].env
+    assert configs["ours fp32 openvino x2 workers"].env["VISION_WORKERS"] == "2"
+
+
 def _red(image: Image.Image, xy: tuple[int, int]) -> int:
     pixel = image.getpixel(xy)
     assert isinstance(pixel, tuple)
