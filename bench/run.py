@@ -200,6 +200,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.peer_precisions = list(dict.fromkeys(["fp32", floats[0] if floats else "bf16"]))
     if args.work_dir is None:
         args.work_dir = args.out / "work"
+    # absolute: the paths go into servers' environments, and --ours-baseline starts from another cwd
+    args.work_dir = args.work_dir.resolve()
     return args
 
 

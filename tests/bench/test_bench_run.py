@@ -107,6 +107,11 @@ def test_a_baseline_checkout_runs_beside_ours(tmp_path: Path) -> None:
     baseline = configs["ours int8 (baseline)"]
     assert baseline.cwd == Path("../old").resolve() and configs["ours int8"].cwd is None
     assert dict(baseline.env) == dict(configs["ours int8"].env)  # the same settings, the other code
+    # the baseline starts in its own checkout: every path it is given must not depend on the cwd
+    relative = args_for("--out", "rel-out", "--ours", "int8", "--peers", "none", "--ours-baseline", "../old")
+    (config,) = [c for c in Bench(relative).server_configs("vgg16") if c.cwd is not None]
+    paths = [v for k, v in config.env.items() if k in ("VISION_MODELS_FILE", "VISION_INT8_CALIBRATION_DIR")]
+    assert len(paths) == 2 and all(Path(v).is_absolute() for v in paths)
 
 
 def test_ours_runs_with_each_runtime_asked_for(tmp_path: Path) -> None:
