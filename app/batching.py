@@ -4,7 +4,10 @@ One :class:`MicroBatcher` per served model (LitServe's seam: decode -> batch -> 
 
 - Admission is counted in images: :meth:`MicroBatcher.reserve` refuses with 503 OVERLOADED when the
   images already waiting (reserved for decoding or queued) plus the new ones exceed ``max_queue``, so
-  the wait is bounded before any decoding work starts.
+  the wait is bounded before any decoding work starts. Given the request's deadline, it also refuses
+  a request that could be answered in time on its own but not behind the images already waiting, at
+  the seconds per image the last batches took: on a slow model a full queue can hold more work than
+  a deadline allows, and 503 + Retry-After now is better for the client than 504 after the deadline.
 - A batch closes when it holds ``max_batch_size`` images or ``max_delay_s`` after its first image
   arrived, whichever comes first. A request's images are separate items, so a request with more
   images than a batch holds spans several batches; its answer waits for all of them.
@@ -36,7 +39,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from app.errors import ApiError, deadline_exceeded, draining, internal, overloaded
+from app.errors import ApiError, deadline_exceeded, draining, internal, overloaded, too_much_waiting
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 R = TypeVar("R")
+
+#: Batches timed before the wait estimate is trusted, and the weight of the newest one in it.
+_ESTIMATE_AFTER_BATCHES = 3
+_ESTIMATE_WEIGHT = 0.3
 
 
 @dataclass(eq=False)
@@ -109,6 +116,8 @@ class MicroBatcher(Generic[InT, OutT]):
         self._running: list[_Item[InT, OutT]] = []  # the batch in the inference thread now
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._seconds_per_image = 0.0  # moving average over the timed batches
+        self._timed_batches = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -142,16 +151,36 @@ class MicroBatcher(Generic[InT, OutT]):
         """Images waiting in the queue now (not counting reserved ones still decoding)."""
         return len(self._items)
 
-    def reserve(self, count: int) -> Ticket:
-        """Room for ``count`` images; raises 503 OVERLOADED (or DRAINING) when there is none."""
+    @property
+    def seconds_per_image(self) -> float | None:
+        """The inference seconds per image of the last batches (None until a few were timed)."""
+        return self._seconds_per_image if self._timed_batches >= _ESTIMATE_AFTER_BATCHES else None
+
+    def reserve(self, count: int, deadline: float | None = None) -> Ticket:
+        """Room for ``count`` images; raises 503 OVERLOADED (or DRAINING) when there is none.
+
+        With ``deadline`` (event-loop clock), also 503 OVERLOADED when the images already waiting
+        would take the request past it although the request alone would be in time.
+        """
         if self._closed:
             raise draining()
         if self._waiting + count > self.max_queue:
-            if self._metrics is not None:
-                self._metrics.rejects.labels("OVERLOADED").inc()
+            self._count_overloaded()
             raise overloaded(self.name)
+        per_image = self.seconds_per_image
+        if deadline is not None and per_image is not None and self._waiting:
+            remaining = deadline - asyncio.get_running_loop().time()
+            alone = count * per_image
+            behind = alone + self._waiting * per_image
+            if alone <= remaining < behind:
+                self._count_overloaded()
+                raise too_much_waiting(self.name, behind - remaining)
         self._waiting += count
         return Ticket(self._give_back, count)
+
+    def _count_overloaded(self) -> None:
+        if self._metrics is not None:
+            self._metrics.rejects.labels("OVERLOADED").inc()
 
     def _give_back(self, count: int) -> None:
         self._waiting -= count
@@ -256,6 +285,7 @@ class MicroBatcher(Generic[InT, OutT]):
             self._fail(batch)
             return
         elapsed = time.perf_counter() - start
+        self._time_batch(elapsed, len(batch))
         if self._metrics is not None:
             self._metrics.inference_seconds.labels(self.name).observe(elapsed)
             self._metrics.batch_size.labels(self.name).observe(len(batch))
@@ -268,6 +298,14 @@ class MicroBatcher(Generic[InT, OutT]):
                 item.future.set_exception(output.error)
             else:
                 item.future.set_result(output)
+
+    def _time_batch(self, elapsed: float, size: int) -> None:
+        per_image = elapsed / size
+        if self._timed_batches == 0:
+            self._seconds_per_image = per_image
+        else:
+            self._seconds_per_image += _ESTIMATE_WEIGHT * (per_image - self._seconds_per_image)
+        self._timed_batches += 1
 
     def _predict_splitting(self, values: list[InT]) -> list[OutT | ItemFailure]:
         """``predict(values)``, halving the batch on out-of-memory down to single images; an image

@@ -7,6 +7,7 @@ below) anywhere in a request; the handlers in ``app.main`` turn it into that bod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,6 +86,18 @@ def validation_error(message: str) -> ApiError:
 
 def overloaded(model: str) -> ApiError:
     return ApiError(503, "OVERLOADED", f"model '{model}' has too many images waiting; retry later")
+
+
+def too_much_waiting(model: str, late_by_s: float) -> ApiError:
+    """503 OVERLOADED for a request the queue would take past its deadline; Retry-After is about
+    how long the queue needs to shrink enough (whole seconds, 1 to 60)."""
+    retry_after = min(60, max(RETRY_AFTER_SECONDS, math.ceil(late_by_s)))
+    return ApiError(
+        503,
+        "OVERLOADED",
+        f"model '{model}' has more images waiting than this request's deadline allows; retry later",
+        headers={"Retry-After": str(retry_after)},
+    )
 
 
 def not_ready(message: str) -> ApiError:

@@ -278,7 +278,7 @@ class InferenceService:
         batch failed.
         """
         self.metrics.images_per_request.labels(model.name).observe(len(images))
-        with model.batcher.reserve(len(images)) as ticket:
+        with model.batcher.reserve(len(images), deadline) as ticket:
             prepared = await self.decoder.prepare(images, model.predictor, keep_images=keep_images)
             if asyncio.get_running_loop().time() >= deadline:
                 raise deadline_exceeded()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -186,6 +187,69 @@ async def test_full_queue_answers_overloaded_with_retry_after() -> None:
     finally:
         await batcher.stop()
     assert 'vision_rejects_total{reason="OVERLOADED"} 2.0' in metrics.render().decode()
+
+
+async def timed_batcher(per_image_s: float, **kw: object) -> tuple[Recorder, MicroBatcher[Any, Any]]:
+    """A batcher whose predict takes ``per_image_s`` per image, after enough batches to estimate it."""
+
+    def slow(value: object) -> object:
+        time.sleep(per_image_s)
+        return ("out", value)
+
+    rec = Recorder(slow)
+    batcher = make(rec, max_batch_size=2, max_delay_s=0.0, **kw)
+    for i in range(4):
+        await batcher.submit([f"t{i}", f"u{i}"], far())
+    return rec, batcher
+
+
+async def test_a_request_the_queue_would_make_late_gets_overloaded_at_once() -> None:
+    metrics = Metrics()
+    rec, batcher = await timed_batcher(0.05, metrics=metrics)
+    try:
+        assert batcher.seconds_per_image is not None and batcher.seconds_per_image >= 0.05
+        rec.entered.clear()
+        rec.release.clear()
+        held = asyncio.ensure_future(batcher.submit(["hold", "hold2"], far()))
+        await wait_entered(rec)
+        queued = asyncio.ensure_future(batcher.submit([f"q{i}" for i in range(20)], far()))
+        await asyncio.sleep(0)  # 20 images (about 1 s) wait ahead of the next request
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ApiError) as err:
+            batcher.reserve(1, loop.time() + 0.5)  # alone in time (0.05 s), behind them late
+        assert err.value.status_code == 503 and err.value.code == "OVERLOADED"
+        assert "deadline" in err.value.message
+        assert 1 <= int(err.value.headers["Retry-After"]) <= 60
+        with batcher.reserve(1, loop.time() + 30):  # time enough for the queue: admitted
+            pass
+        with batcher.reserve(1):  # no deadline given: only the queue limit counts
+            pass
+        with batcher.reserve(20, loop.time() + 0.5):  # too late even alone: admitted, 504 later
+            pass
+        rec.release.set()
+        await held
+        assert len(await queued) == 20
+    finally:
+        rec.release.set()
+        await batcher.stop()
+    assert 'vision_rejects_total{reason="OVERLOADED"} 1.0' in metrics.render().decode()
+
+
+async def test_no_deadline_refusal_on_an_empty_queue_or_before_batches_were_timed() -> None:
+    rec, batcher = await timed_batcher(0.05)
+    try:
+        loop = asyncio.get_running_loop()
+        with batcher.reserve(4, loop.time() + 0.3):  # nothing waits: the request takes its chance
+            pass
+    finally:
+        await batcher.stop()
+    fresh = make(Recorder(), max_batch_size=1, max_delay_s=0.0)
+    try:
+        assert fresh.seconds_per_image is None
+        with fresh.reserve(3), fresh.reserve(1, asyncio.get_running_loop().time() + 0.001):
+            pass
+    finally:
+        await fresh.stop()
 
 
 async def test_ticket_reserves_room_until_released() -> None:
