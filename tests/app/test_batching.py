@@ -236,7 +236,7 @@ async def test_a_request_the_queue_would_make_late_gets_overloaded_at_once() -> 
 
 
 async def test_no_deadline_refusal_on_an_empty_queue_or_before_batches_were_timed() -> None:
-    rec, batcher = await timed_batcher(0.05)
+    _, batcher = await timed_batcher(0.05)
     try:
         loop = asyncio.get_running_loop()
         with batcher.reserve(4, loop.time() + 0.3):  # nothing waits: the request takes its chance
