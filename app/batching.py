@@ -6,8 +6,11 @@ One :class:`MicroBatcher` per served model (LitServe's seam: decode -> batch -> 
   images already waiting (reserved for decoding or queued) plus the new ones exceed ``max_queue``, so
   the wait is bounded before any decoding work starts. Given the request's deadline, it also refuses
   a request that could be answered in time on its own but not behind the images already waiting, at
-  the seconds per image the last batches took: on a slow model a full queue can hold more work than
-  a deadline allows, and 503 + Retry-After now is better for the client than 504 after the deadline.
+  the pace of the last batches: on a slow model a full queue can hold more work than a deadline
+  allows, and 503 + Retry-After now is better for the client than 504 after the deadline. The wait
+  is the smaller of two estimates, images x seconds per image and batches x seconds per batch, since
+  a CPU's batch takes time in proportion to its images and a GPU's about the same time whatever
+  its size: either may overstate, and a refusal should come only when the queue surely is too long.
 - A batch closes when it holds ``max_batch_size`` images or ``max_delay_s`` after its first image
   arrived, whichever comes first. A request's images are separate items, so a request with more
   images than a batch holds spans several batches; its answer waits for all of them.
@@ -116,7 +119,8 @@ class MicroBatcher(Generic[InT, OutT]):
         self._running: list[_Item[InT, OutT]] = []  # the batch in the inference thread now
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._seconds_per_image = 0.0  # moving average over the timed batches
+        self._seconds_per_image = 0.0  # moving averages over the timed batches
+        self._seconds_per_batch = 0.0
         self._timed_batches = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -151,10 +155,14 @@ class MicroBatcher(Generic[InT, OutT]):
         """Images waiting in the queue now (not counting reserved ones still decoding)."""
         return len(self._items)
 
-    @property
-    def seconds_per_image(self) -> float | None:
-        """The inference seconds per image of the last batches (None until a few were timed)."""
-        return self._seconds_per_image if self._timed_batches >= _ESTIMATE_AFTER_BATCHES else None
+    def expected_seconds(self, images: int) -> float | None:
+        """Inference seconds for ``images`` more images at the last batches' pace (None until a few
+        batches were timed): the smaller of images x seconds per image and full batches x seconds
+        per batch."""
+        if self._timed_batches < _ESTIMATE_AFTER_BATCHES:
+            return None
+        batches = -(-images // self.max_batch_size)
+        return min(images * self._seconds_per_image, batches * self._seconds_per_batch)
 
     def reserve(self, count: int, deadline: float | None = None) -> Ticket:
         """Room for ``count`` images; raises 503 OVERLOADED (or DRAINING) when there is none.
@@ -167,12 +175,10 @@ class MicroBatcher(Generic[InT, OutT]):
         if self._waiting + count > self.max_queue:
             self._count_overloaded()
             raise overloaded(self.name)
-        per_image = self.seconds_per_image
-        if deadline is not None and per_image is not None and self._waiting:
+        if deadline is not None and self._waiting:
+            alone, behind = self.expected_seconds(count), self.expected_seconds(self._waiting + count)
             remaining = deadline - asyncio.get_running_loop().time()
-            alone = count * per_image
-            behind = alone + self._waiting * per_image
-            if alone <= remaining < behind:
+            if alone is not None and behind is not None and alone <= remaining < behind:
                 self._count_overloaded()
                 raise too_much_waiting(self.name, behind - remaining)
         self._waiting += count
@@ -300,11 +306,9 @@ class MicroBatcher(Generic[InT, OutT]):
                 item.future.set_result(output)
 
     def _time_batch(self, elapsed: float, size: int) -> None:
-        per_image = elapsed / size
-        if self._timed_batches == 0:
-            self._seconds_per_image = per_image
-        else:
-            self._seconds_per_image += _ESTIMATE_WEIGHT * (per_image - self._seconds_per_image)
+        weight = 1.0 if self._timed_batches == 0 else _ESTIMATE_WEIGHT
+        self._seconds_per_image += weight * (elapsed / size - self._seconds_per_image)
+        self._seconds_per_batch += weight * (elapsed - self._seconds_per_batch)
         self._timed_batches += 1
 
     def _predict_splitting(self, values: list[InT]) -> list[OutT | ItemFailure]:

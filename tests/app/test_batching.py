@@ -190,7 +190,8 @@ async def test_full_queue_answers_overloaded_with_retry_after() -> None:
 
 
 async def timed_batcher(per_image_s: float, **kw: object) -> tuple[Recorder, MicroBatcher[Any, Any]]:
-    """A batcher whose predict takes ``per_image_s`` per image, after enough batches to estimate it."""
+    """A batcher whose predict takes ``per_image_s`` per image, after enough full batches (of 2) to
+    estimate it."""
 
     def slow(value: object) -> object:
         time.sleep(per_image_s)
@@ -203,11 +204,24 @@ async def timed_batcher(per_image_s: float, **kw: object) -> tuple[Recorder, Mic
     return rec, batcher
 
 
+class PerBatch(Recorder):
+    """A predict that takes ``seconds`` per batch whatever its size (as a GPU's small batches do)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def __call__(self, values: list[object]) -> list[object]:
+        time.sleep(self.seconds)
+        return super().__call__(values)
+
+
 async def test_a_request_the_queue_would_make_late_gets_overloaded_at_once() -> None:
     metrics = Metrics()
     rec, batcher = await timed_batcher(0.05, metrics=metrics)
     try:
-        assert batcher.seconds_per_image is not None and batcher.seconds_per_image >= 0.05
+        expected = batcher.expected_seconds(1)
+        assert expected is not None and expected >= 0.05
         rec.entered.clear()
         rec.release.clear()
         held = asyncio.ensure_future(batcher.submit(["hold", "hold2"], far()))
@@ -245,11 +259,36 @@ async def test_no_deadline_refusal_on_an_empty_queue_or_before_batches_were_time
         await batcher.stop()
     fresh = make(Recorder(), max_batch_size=1, max_delay_s=0.0)
     try:
-        assert fresh.seconds_per_image is None
+        assert fresh.expected_seconds(1) is None
         with fresh.reserve(3), fresh.reserve(1, asyncio.get_running_loop().time() + 0.001):
             pass
     finally:
         await fresh.stop()
+
+
+async def test_a_queue_of_fast_batches_is_not_judged_image_by_image() -> None:
+    # timed on batches of one image, 0.05 s each; the 15 images waiting fill two batches of 8
+    rec = PerBatch(0.05)
+    batcher = make(rec, max_batch_size=8, max_delay_s=0.0)
+    try:
+        for i in range(3):
+            await batcher.submit([f"t{i}"], far())
+        assert batcher.expected_seconds(15) == pytest.approx(2 * batcher.expected_seconds(1), rel=1e-6)
+        rec.entered.clear()
+        rec.release.clear()
+        held = asyncio.ensure_future(batcher.submit(["hold"], far()))
+        await wait_entered(rec)
+        queued = asyncio.ensure_future(batcher.submit([f"q{i}" for i in range(14)], far()))
+        await asyncio.sleep(0)
+        # 15 x 0.05 s = 0.75 s image by image, but 2 batches x 0.05 s = 0.1 s: in time for 0.4 s
+        with batcher.reserve(1, asyncio.get_running_loop().time() + 0.4):
+            pass
+        rec.release.set()
+        await held
+        assert len(await queued) == 14
+    finally:
+        rec.release.set()
+        await batcher.stop()
 
 
 async def test_ticket_reserves_room_until_released() -> None:
