@@ -15,7 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -30,6 +31,9 @@ from app.errors import (
     validation_error,
 )
 from app.images import IMAGE_SUBTYPES
+
+if TYPE_CHECKING:  # python-multipart declares its callback TypedDict for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 #: The multipart part name that carries an image.
 FILE_FIELD = "file"
@@ -117,7 +121,7 @@ class _FileParts:
         self._data = bytearray()
         self._is_file = False
 
-    def callbacks(self) -> dict[str, Callable[..., None]]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
@@ -160,7 +164,7 @@ class _FileParts:
 async def _read_multipart(chunks: AsyncIterator[bytes], boundary: bytes, max_files: int) -> list[bytes]:
     """The ``file`` parts of a multipart body, in order, parsed as the chunks arrive."""
     parts = _FileParts(max_files)
-    parser = MultipartParser(boundary, parts.callbacks())  # type: ignore[arg-type]
+    parser = MultipartParser(boundary, parts.callbacks())
     try:
         async for chunk in chunks:
             parser.write(chunk)

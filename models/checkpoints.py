@@ -866,8 +866,11 @@ def project_checkpoint(
             "ssd_config": _config_to_plain(model.config),
         }
     else:
-        num_classes = int(model.classifier[-1].out_features)  # type: ignore[index,union-attr]
-        first = model.features[0].out_channels  # type: ignore[index,union-attr]
+        modules = dict(model.named_modules())
+        head, stem = modules.get("classifier.6"), modules.get("features.0")
+        if not isinstance(head, nn.Linear) or not isinstance(stem, nn.Conv2d):
+            raise ModelConfigError(f"a classify checkpoint needs a VGG model, got {type(model).__name__}")
+        num_classes, first = head.out_features, stem.out_channels
         arch_args = {"num_classes": num_classes, "width": first / 64}
         post_plain = {}
     return {

@@ -805,3 +805,18 @@ def test_project_writer_refuses_what_weights_only_cannot_read(tmp_path: Path) ->
             metadata={"when": datetime.datetime.now()},
         )
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_project_writer_refuses_a_classifier_that_is_not_shaped_like_vgg(tmp_path: Path) -> None:
+    from models.ssd import ssd300
+
+    with pytest.raises(ModelConfigError, match="a classify checkpoint needs a VGG model, got SSD"):
+        save_project_checkpoint(
+            tmp_path / "x.pth",
+            ssd300(21, width=TINY),
+            task="classify",
+            arch="vgg16",
+            labels=[str(i) for i in range(21)],
+            preprocess={"kind": "classifier", "resize": 256, "crop": 224},
+        )
+    assert not (tmp_path / "x.pth").exists()
