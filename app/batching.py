@@ -8,14 +8,19 @@ One :class:`MicroBatcher` per served model (LitServe's seam: decode -> batch -> 
   a request that could be answered in time on its own but not behind the images already waiting, at
   the pace of the last batches: on a slow model a full queue can hold more work than a deadline
   allows, and 503 + Retry-After now is better for the client than 504 after the deadline. The wait
-  is the smaller of two estimates, images x seconds per image and batches x seconds per batch, since
-  a CPU's batch takes time in proportion to its images and a GPU's about the same time whatever
-  its size: either may overstate, and a refusal should come only when the queue surely is too long.
+  is the rest of the running batch, then the images waiting and the request's own, in full batches
+  (its answer comes when its batch ends). A batch's time is its images x seconds per image when
+  the timed batches were at least half full, which holds for any hardware then; after smaller
+  batches it is the smaller of that and the seconds per batch, since a CPU's batch takes time in
+  proportion to its images but a GPU's about the same time whatever its size. A request is
+  admitted only if that wait leaves a tenth of its time to spare, as the pace varies from batch to
+  batch; under sustained overload this costs no throughput, it only shortens the queue.
 - A batch closes when it holds ``max_batch_size`` images or ``max_delay_s`` after its first image
   arrived, whichever comes first. A request's images are separate items, so a request with more
   images than a batch holds spans several batches; its answer waits for all of them.
-- Items whose deadline passed are dropped before inference (504 DEADLINE_EXCEEDED); items whose
-  request went away (cancelled) are skipped.
+- Items whose deadline passed, or will pass before their batch can end at the recent pace, are
+  dropped before inference (504 DEADLINE_EXCEEDED) instead of taking a slot whose answer would be
+  thrown away; items whose request went away (cancelled) are skipped.
 - ``predict`` runs in ONE dedicated thread per model, off the event loop; while it runs, the event loop
   keeps decoding and queueing the next requests' images, so the next batch is ready when it returns.
 - The outputs are checked (one per input) and mapped back in order. An exception in ``predict``
@@ -54,6 +59,11 @@ R = TypeVar("R")
 #: Batches timed before the wait estimate is trusted, and the weight of the newest one in it.
 _ESTIMATE_AFTER_BATCHES = 3
 _ESTIMATE_WEIGHT = 0.3
+# A request is admitted behind a queue only if the expected wait is at most this share of its time.
+_ADMIT_FRACTION = 0.9
+# An image is dropped (504) before its batch only if its deadline comes before even a batch this
+# much faster than the recent pace would end: the estimate may overstate, the drop must be sure.
+_LATE_FRACTION = 0.8
 
 
 @dataclass(eq=False)
@@ -117,10 +127,12 @@ class MicroBatcher(Generic[InT, OutT]):
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._running: list[_Item[InT, OutT]] = []  # the batch in the inference thread now
+        self._running_since = 0.0  # event-loop clock
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._seconds_per_image = 0.0  # moving averages over the timed batches
         self._seconds_per_batch = 0.0
+        self._images_per_batch = 0.0
         self._timed_batches = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -156,37 +168,55 @@ class MicroBatcher(Generic[InT, OutT]):
         return len(self._items)
 
     def expected_seconds(self, images: int) -> float | None:
-        """Inference seconds for ``images`` more images at the last batches' pace (None until a few
-        batches were timed): the smaller of images x seconds per image and full batches x seconds
-        per batch."""
+        """Seconds until ``images`` more images are answered at the last batches' pace, in whole
+        batches: the last image's answer waits for the end of its batch, which under load is full
+        (None until a few batches were timed)."""
         if self._timed_batches < _ESTIMATE_AFTER_BATCHES:
             return None
-        batches = -(-images // self.max_batch_size)
-        return min(images * self._seconds_per_image, batches * self._seconds_per_batch)
+        return -(-images // self.max_batch_size) * self._batch_seconds(self.max_batch_size)
+
+    def _batch_seconds(self, size: int) -> float:
+        """One batch of ``size`` images: size x seconds per image, or after batches under half full
+        the smaller of that and the seconds per batch (see the module docstring)."""
+        by_image = size * self._seconds_per_image
+        if 2 * self._images_per_batch >= self.max_batch_size:
+            return by_image
+        return min(by_image, self._seconds_per_batch)
+
+    def set_pace(self, seconds: float, size: int) -> None:
+        """Start the wait estimate from a batch of ``size`` images timed outside the queue (the
+        warm-up's), so the first requests after a start are judged too; real batches then refine it."""
+        self._seconds_per_image, self._seconds_per_batch = seconds / size, seconds
+        self._images_per_batch = float(size)
+        self._timed_batches = max(self._timed_batches, _ESTIMATE_AFTER_BATCHES)
 
     def reserve(self, count: int, deadline: float | None = None) -> Ticket:
         """Room for ``count`` images; raises 503 OVERLOADED (or DRAINING) when there is none.
 
-        With ``deadline`` (event-loop clock), also 503 OVERLOADED when the images already waiting
-        would take the request past it although the request alone would be in time.
+        With ``deadline`` (event-loop clock), also 503 OVERLOADED when the images already waiting and
+        the rest of the running batch would take the request past it although the request alone
+        would be in time.
         """
         if self._closed:
             raise draining()
         if self._waiting + count > self.max_queue:
-            self._count_overloaded()
             raise overloaded(self.name)
-        if deadline is not None and self._waiting:
+        if deadline is not None and (self._waiting or self._running):
+            now = asyncio.get_running_loop().time()
             alone, behind = self.expected_seconds(count), self.expected_seconds(self._waiting + count)
-            remaining = deadline - asyncio.get_running_loop().time()
-            if alone is not None and behind is not None and alone <= remaining < behind:
-                self._count_overloaded()
-                raise too_much_waiting(self.name, behind - remaining)
+            if behind is not None:
+                behind += self._running_left(now)
+            remaining = deadline - now
+            if alone is not None and behind is not None and alone <= remaining < behind / _ADMIT_FRACTION:
+                raise too_much_waiting(self.name, behind / _ADMIT_FRACTION - remaining)
         self._waiting += count
         return Ticket(self._give_back, count)
 
-    def _count_overloaded(self) -> None:
-        if self._metrics is not None:
-            self._metrics.rejects.labels("OVERLOADED").inc()
+    def _running_left(self, now: float) -> float:
+        """Expected seconds until the batch in the inference thread ends (0 when none runs)."""
+        if not self._running or self._timed_batches < _ESTIMATE_AFTER_BATCHES:
+            return 0.0
+        return max(0.0, self._batch_seconds(len(self._running)) - (now - self._running_since))
 
     def _give_back(self, count: int) -> None:
         self._waiting -= count
@@ -232,6 +262,7 @@ class MicroBatcher(Generic[InT, OutT]):
             batch = await self._collect()
             if batch:
                 self._running = batch
+                self._running_since = asyncio.get_running_loop().time()
                 try:
                     await self._process(batch)
                 except Exception:  # a bug here must not kill the worker
@@ -258,16 +289,19 @@ class MicroBatcher(Generic[InT, OutT]):
             except TimeoutError:
                 break
         now = loop.time()
+        # an image whose deadline comes before this batch can end would only be thrown away
+        expected = 0.0
+        if self._timed_batches >= _ESTIMATE_AFTER_BATCHES:
+            expected = self._batch_seconds(min(len(self._items), self.max_batch_size))
+        late_before = now + _LATE_FRACTION * expected
         batch: list[_Item[InT, OutT]] = []
         while self._items and len(batch) < self.max_batch_size:
             item = self._items.popleft()
             self._waiting -= 1
             if item.future.done():  # its request is gone (cancelled, or failed elsewhere)
                 continue
-            if item.deadline <= now:
+            if item.deadline <= late_before:
                 item.future.set_exception(deadline_exceeded())
-                if self._metrics is not None:
-                    self._metrics.rejects.labels("DEADLINE_EXCEEDED").inc()
                 continue
             batch.append(item)
             if self._metrics is not None:
@@ -299,8 +333,6 @@ class MicroBatcher(Generic[InT, OutT]):
             if item.future.done():
                 continue
             if isinstance(output, ItemFailure):
-                if self._metrics is not None and output.reject_reason:
-                    self._metrics.rejects.labels(output.reject_reason).inc()
                 item.future.set_exception(output.error)
             else:
                 item.future.set_result(output)
@@ -309,6 +341,7 @@ class MicroBatcher(Generic[InT, OutT]):
         weight = 1.0 if self._timed_batches == 0 else _ESTIMATE_WEIGHT
         self._seconds_per_image += weight * (elapsed / size - self._seconds_per_image)
         self._seconds_per_batch += weight * (elapsed - self._seconds_per_batch)
+        self._images_per_batch += weight * (size - self._images_per_batch)
         self._timed_batches += 1
 
     def _predict_splitting(self, values: list[InT]) -> list[OutT | ItemFailure]:
@@ -353,12 +386,10 @@ class _OutputCountError(RuntimeError):
 
 class ItemFailure:
     """An output that fails its one image (``predict`` may return it in an image's place, e.g. for a
-    file that cannot be decoded); the others of the batch are answered. ``reject_reason`` labels
-    the rejects metric (None: not counted there)."""
+    file that cannot be decoded); the others of the batch are answered."""
 
-    def __init__(self, error: ApiError, reject_reason: str | None = None) -> None:
+    def __init__(self, error: ApiError) -> None:
         self.error = error
-        self.reject_reason = reject_reason
 
 
 class _OutOfMemory(ItemFailure):
@@ -366,8 +397,7 @@ class _OutOfMemory(ItemFailure):
 
     def __init__(self, model: str) -> None:
         super().__init__(
-            ApiError(503, "OVERLOADED", f"model '{model}' ran out of memory on this image; retry later"),
-            "OVERLOADED",
+            ApiError(503, "OVERLOADED", f"model '{model}' ran out of memory on this image; retry later")
         )
 
 

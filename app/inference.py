@@ -357,16 +357,20 @@ class InferenceService:
 
     async def warm(self, model: AnyModel) -> None:
         """``model``'s warm-up in its own inference thread: one forward per batch size 1..max, and
-        the decoder's set-up; then it takes requests."""
+        the decoder's set-up; then one timed full batch gives the batcher its first pace, and it
+        takes requests."""
         sizes = self.settings.max_batch_size
         predictor = model.predictor
         start = time.perf_counter()
 
-        def forwards() -> None:
+        def forwards() -> float:
             predictor.warmup(range(1, sizes + 1))
             self.decoder.warm_up(predictor, sizes)
+            timed = time.perf_counter()  # one more full batch, warm now: the pace admission starts with
+            predictor.warmup([sizes])
+            return time.perf_counter() - timed
 
-        await model.batcher.run_in_thread(forwards)
+        model.batcher.set_pace(await model.batcher.run_in_thread(forwards), sizes)
         seconds = time.perf_counter() - start
         model.ready = True
         self.metrics.model_warmup_seconds.labels(model.name).set(seconds)

@@ -238,7 +238,7 @@ async def test_overload_is_503_with_retry_after(classifier_models_file: Path, ga
         gated_classifier.set()
         assert (await first).status_code == 200 and (await queued).status_code == 200
         metrics = (await client.get("/metrics")).text
-        assert 'vision_rejects_total{reason="OVERLOADED"}' in metrics
+        assert 'vision_rejects_total{reason="OVERLOADED"} 1.0' in metrics  # one refused request
 
 
 async def test_concurrent_requests_share_a_forward_pass(
@@ -300,6 +300,8 @@ async def test_deadline_exceeded_is_504(classifier_models_file: Path, gated_clas
             "/v1/classify", files={"file": ("b", png())}, headers={"X-Request-Timeout-Ms": "99999999"}
         )
         assert fine.status_code == 200  # capped at the configured deadline, not refused
+        metrics = (await client.get("/metrics")).text
+        assert 'vision_rejects_total{reason="DEADLINE_EXCEEDED"} 1.0' in metrics  # once, not per stage
 
 
 async def test_exception_in_predict_is_500_and_the_next_request_works(

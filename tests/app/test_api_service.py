@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import httpx
@@ -226,6 +228,27 @@ async def test_not_ready_until_warm_up_finished(
             assert (await client.post("/v1/classify", files={"file": ("a", png())})).status_code == 200
     finally:
         gate.set()
+
+
+async def test_admission_starts_with_the_pace_of_a_warm_full_batch(
+    classifier_models_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[int]] = []
+    real_warmup = Classifier.warmup
+
+    def recorded(self: Classifier, batch_sizes: Iterable[int] = (1,)) -> None:
+        calls.append(list(batch_sizes))
+        if calls[-1] == [3] and len(calls) > 1:  # the timed batch: make its pace unmistakable
+            time.sleep(0.3)
+        real_warmup(self, calls[-1])
+
+    monkeypatch.setattr(Classifier, "warmup", recorded)
+    app = create_app(settings_for(max_batch_size=3, models_file=classifier_models_file))
+    async with running(app):
+        batcher = app.state.service.registry.models[CLASSIFIER].batcher
+        expected = batcher.expected_seconds(6)  # known before any request was batched
+    assert calls == [[1, 2, 3], [3]]  # every size once, then one timed full batch
+    assert expected is not None and 0.6 <= expected < 1.5  # two batches of at least 0.3 s
 
 
 async def test_warm_up_failure_is_reported(
