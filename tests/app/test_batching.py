@@ -189,15 +189,20 @@ async def test_full_queue_answers_overloaded_with_retry_after() -> None:
     assert "vision_rejects_total{" not in metrics.render().decode()
 
 
+def per_image(seconds: float) -> Recorder:
+    """A predict that takes ``seconds`` per image (as a CPU does)."""
+
+    def slow(value: object) -> object:
+        time.sleep(seconds)
+        return ("out", value)
+
+    return Recorder(slow)
+
+
 async def timed_batcher(per_image_s: float, **kw: object) -> tuple[Recorder, MicroBatcher[Any, Any]]:
     """A batcher whose predict takes ``per_image_s`` per image, after enough full batches (of 2) to
     estimate it."""
-
-    def slow(value: object) -> object:
-        time.sleep(per_image_s)
-        return ("out", value)
-
-    rec = Recorder(slow)
+    rec = per_image(per_image_s)
     batcher = make(rec, max_batch_size=2, max_delay_s=0.0, **kw)
     for i in range(4):
         await batcher.submit([f"t{i}", f"u{i}"], far())
@@ -268,11 +273,7 @@ async def test_the_rest_of_the_running_batch_counts_toward_the_wait() -> None:
 
 
 async def test_an_image_whose_batch_would_end_past_its_deadline_is_not_run() -> None:
-    def slow(value: object) -> object:
-        time.sleep(0.2)
-        return ("out", value)
-
-    rec = Recorder(slow)
+    rec = per_image(0.2)
     batcher = make(rec, max_batch_size=1, max_delay_s=0.0)
     try:
         for i in range(3):
@@ -333,11 +334,7 @@ async def test_a_queue_of_fast_batches_is_not_judged_image_by_image() -> None:
 
 async def test_after_nearly_full_batches_the_wait_is_judged_image_by_image() -> None:
     # batches of 3 of 4 images, each image 0.02 s (a CPU): a full batch of 4 takes 0.08 s, not 0.06 s
-    def slow(value: object) -> object:
-        time.sleep(0.02)
-        return ("out", value)
-
-    batcher = make(Recorder(slow), max_batch_size=4, max_delay_s=0.0)
+    batcher = make(per_image(0.02), max_batch_size=4, max_delay_s=0.0)
     try:
         for i in range(3):
             await batcher.submit([f"a{i}", f"b{i}", f"c{i}"], far())
