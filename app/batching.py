@@ -171,13 +171,15 @@ class MicroBatcher(Generic[InT, OutT]):
         """Seconds until ``images`` more images are answered at the last batches' pace, in whole
         batches: the last image's answer waits for the end of its batch, which under load is full
         (None until a few batches were timed)."""
+        full = self._batch_seconds(self.max_batch_size)
+        return None if full is None else -(-images // self.max_batch_size) * full
+
+    def _batch_seconds(self, size: int) -> float | None:
+        """One batch of ``size`` images: size x seconds per image, or after batches under half full
+        the smaller of that and the seconds per batch (see the module docstring); None until a few
+        batches were timed."""
         if self._timed_batches < _ESTIMATE_AFTER_BATCHES:
             return None
-        return -(-images // self.max_batch_size) * self._batch_seconds(self.max_batch_size)
-
-    def _batch_seconds(self, size: int) -> float:
-        """One batch of ``size`` images: size x seconds per image, or after batches under half full
-        the smaller of that and the seconds per batch (see the module docstring)."""
         by_image = size * self._seconds_per_image
         if 2 * self._images_per_batch >= self.max_batch_size:
             return by_image
@@ -214,9 +216,8 @@ class MicroBatcher(Generic[InT, OutT]):
 
     def _running_left(self, now: float) -> float:
         """Expected seconds until the batch in the inference thread ends (0 when none runs)."""
-        if not self._running or self._timed_batches < _ESTIMATE_AFTER_BATCHES:
-            return 0.0
-        return max(0.0, self._batch_seconds(len(self._running)) - (now - self._running_since))
+        expected = self._batch_seconds(len(self._running)) if self._running else None
+        return 0.0 if expected is None else max(0.0, expected - (now - self._running_since))
 
     def _give_back(self, count: int) -> None:
         self._waiting -= count
@@ -290,9 +291,7 @@ class MicroBatcher(Generic[InT, OutT]):
                 break
         now = loop.time()
         # an image whose deadline comes before this batch can end would only be thrown away
-        expected = 0.0
-        if self._timed_batches >= _ESTIMATE_AFTER_BATCHES:
-            expected = self._batch_seconds(min(len(self._items), self.max_batch_size))
+        expected = self._batch_seconds(min(len(self._items), self.max_batch_size)) or 0.0
         late_before = now + _LATE_FRACTION * expected
         batch: list[_Item[InT, OutT]] = []
         while self._items and len(batch) < self.max_batch_size:
