@@ -50,6 +50,7 @@ from models import (
     Predictor,
     Task,
     apply_with_report,
+    device_memory,
     load_calibration_images,
     load_model,
     quantize_predictor,
@@ -338,7 +339,7 @@ class InferenceService:
         settings = self.settings
         return MicroBatcher(
             predictor.info.name,
-            batch_runner(predictor, self.decoder),
+            batch_runner(predictor, self.decoder, self.metrics),
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_delay_ms / 1000,
             max_queue=settings.queue_share,
@@ -372,6 +373,7 @@ class InferenceService:
 
         model.batcher.set_pace(await model.batcher.run_in_thread(forwards), sizes)
         seconds = time.perf_counter() - start
+        self.metrics.record_device_memory(str(predictor.device), device_memory(predictor.device))
         model.ready = True
         self.metrics.model_warmup_seconds.labels(model.name).set(seconds)
         log.info("model %s warmed up (batch sizes 1..%d) in %.2f s", model.name, sizes, seconds)
@@ -396,11 +398,13 @@ class InferenceService:
 
 
 def batch_runner(
-    predictor: Predictor[OptT, OutT], decoder: ImageDecoder
+    predictor: Predictor[OptT, OutT], decoder: ImageDecoder, metrics: Metrics | None = None
 ) -> Callable[[list[ImageItem[OptT]]], list[OutT | ItemFailure]]:
     """The function a model's batcher calls with a batch of items (in the inference thread):
     stack their images (``decoder.stack``), run the predictor once, one output per item, and an
-    ItemFailure in the place of an image that could not be read."""
+    ItemFailure in the place of an image that could not be read. After each batch on a GPU,
+    ``metrics`` gets this worker's device memory."""
+    device = predictor.device
 
     def run(items: list[ImageItem[OptT]]) -> list[OutT | ItemFailure]:
         batch = decoder.stack(predictor, [item.image for item in items])
@@ -410,6 +414,8 @@ def batch_runner(
             if batch.tensor is not None
             else []
         )
+        if metrics is not None:
+            metrics.record_device_memory(str(device), device_memory(device))
         readable = iter(outputs)
         return [
             ItemFailure(batch.failures[i]) if i in batch.failures else next(readable)

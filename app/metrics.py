@@ -13,6 +13,7 @@ live ones, a model ready only when every live worker has it warm.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -96,12 +97,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.device_memory = Gauge(
+            "vision_device_memory_bytes",
+            "this worker's GPU memory, from PyTorch's caching allocator (kind: allocated, reserved, "
+            "peak_reserved), after its last batch; the CUDA context is not counted",
+            ["device", "kind"],
+            registry=r,
+            multiprocess_mode="liveall",  # one series per live worker (a pid label): memory per worker
+        )
         self.reloads = Counter(
             "vision_reloads_total",
             "models-file reloads, by outcome (applied, unchanged, failed, rejected)",
             ["outcome"],
             registry=r,
         )
+
+    def record_device_memory(self, device: str, readings: Mapping[str, int] | None) -> None:
+        """Set ``vision_device_memory_bytes`` for ``device`` from ``readings``
+        (:func:`models.device_memory`; None off CUDA, which leaves the metric without series)."""
+        for kind, value in (readings or {}).items():
+            self.device_memory.labels(device, kind).set(value)
 
     def forget_model(self, name: str) -> None:
         """A model that is no longer served (a reload removed it)."""

@@ -16,7 +16,15 @@ from models.checkpoints import sha256_file
 from models.errors import CheckpointError, ModelConfigError
 from models.labels import COCO_CATEGORIES, IMAGENET_CATEGORIES, VOC_CLASSES
 from models.openvino_runtime import OPENVINO_PRECISIONS, require_openvino, use_openvino
-from models.predictors import Classifier, Detector, Predictor, check_device_name, load_model, resolve_device
+from models.predictors import (
+    Classifier,
+    Detector,
+    Predictor,
+    check_device_name,
+    device_memory,
+    load_model,
+    resolve_device,
+)
 from models.quantize import (
     load_calibration_images,
     quantize_int8,
@@ -65,6 +73,7 @@ __all__ = [
     "agreement_report",
     "apply_with_report",
     "check_device_name",
+    "device_memory",
     "load_calibration_images",
     "load_model",
     "quantize_int8",

@@ -45,6 +45,7 @@ __all__ = [
     "Detector",
     "Predictor",
     "check_device_name",
+    "device_memory",
     "load_model",
     "resolve_device",
 ]
@@ -85,6 +86,21 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if index >= count:
         raise ModelConfigError(f"device {name!r} does not exist: {count} CUDA device(s), numbered from 0")
     return torch.device("cuda", index)
+
+
+def device_memory(device: torch.device) -> dict[str, int] | None:
+    """This process's CUDA memory on ``device``, from PyTorch's caching allocator, in bytes:
+    ``allocated`` (live tensors), ``reserved`` (held from the driver, what other processes on the
+    GPU cannot have) and ``peak_reserved`` (the most reserved since the process began). None off
+    CUDA. Reading these is cheap: no synchronisation, no driver call. The CUDA context itself
+    (hundreds of MB per process) is not counted; ``nvidia-smi`` shows it."""
+    if device.type != "cuda":
+        return None
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "peak_reserved": torch.cuda.max_memory_reserved(device),
+    }
 
 
 class Predictor(ABC, Generic[OptT, OutT]):

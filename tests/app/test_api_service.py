@@ -11,7 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+from app import inference
 from app.main import create_app
 from models import Classifier, Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, VOC_DETECTOR, running, serve, settings_for, wait_ready
@@ -143,6 +145,34 @@ async def test_metrics_after_requests(client: httpx.AsyncClient) -> None:
     assert 'vision_rejects_total{reason="INVALID_IMAGE"}' in text
     assert f'vision_model_ready{{model="{CLASSIFIER}"}} 1.0' in text
     assert f'vision_model_warmup_seconds{{model="{CLASSIFIER}"}}' in text
+
+
+async def test_metrics_report_device_memory_per_batch(
+    tiny_models_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the warm-up and after each batch the worker publishes models.device_memory's
+    readings (a GPU's allocator bytes; None on the CPU, which leaves the metric without series)."""
+    calls: list[str] = []
+
+    def fake(device: torch.device) -> dict[str, int] | None:
+        calls.append(str(device))
+        return {"allocated": 10 * len(calls), "reserved": 20 * len(calls), "peak_reserved": 30}
+
+    async with serve(tiny_models_file, max_batch_size=1) as cpu_only:
+        text = (await cpu_only.get("/metrics")).text
+        assert "# TYPE vision_device_memory_bytes gauge" in text
+        assert "vision_device_memory_bytes{" not in text  # CPU: no readings, no series
+    monkeypatch.setattr(inference, "device_memory", fake)
+    async with serve(tiny_models_file, max_batch_size=1) as client:
+        warmed = len(calls)
+        assert warmed == 3  # one reading per model after its warm-up
+        assert (await client.post("/v1/classify", files={"file": ("a", png())})).status_code == 200
+        assert len(calls) == warmed + 1  # and one per batch
+        text = (await client.get("/metrics")).text
+        n = len(calls)
+        assert f'vision_device_memory_bytes{{device="cpu",kind="reserved"}} {20.0 * n}' in text
+        assert f'vision_device_memory_bytes{{device="cpu",kind="allocated"}} {10.0 * n}' in text
+        assert 'vision_device_memory_bytes{device="cpu",kind="peak_reserved"} 30.0' in text
 
 
 async def test_startup_loads_the_models_file_and_records_load_time(tiny_models_file: Path) -> None:

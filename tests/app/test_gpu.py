@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -47,6 +48,16 @@ async def test_cuda_answers_match_the_cpu(client: httpx.AsyncClient, tiny_models
 
         best = box_iou(boxes(g_det), boxes(c_det)).max(dim=1).values
         assert (best > 0.98).float().mean() > 0.9  # nearly every GPU box has its CPU twin
+
+        memory = {  # this worker's allocator bytes on the GPU, after its last batch
+            m.group(1): float(m.group(2))
+            for m in re.finditer(
+                r'vision_device_memory_bytes\{device="cuda:0",kind="(\w+)"\} (\S+)',
+                (await gpu.get("/metrics")).text,
+            )
+        }
+        assert set(memory) == {"allocated", "reserved", "peak_reserved"}, memory
+        assert 0 < memory["allocated"] <= memory["reserved"] <= memory["peak_reserved"]
 
 
 async def test_auto_precision_on_cuda(tiny_models_file: Path) -> None:
