@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import os
 import signal
@@ -55,7 +56,15 @@ from bench.load import (
     run_open,
 )
 from bench.report import SERVICE_DEADLINE_MS, finish
-from bench.servers import ServerConfig, ServerProcess, ours_config, peer_config
+from bench.servers import (
+    ServerConfig,
+    ServerProcess,
+    device_memory_by_worker,
+    gpu_processes_mib,
+    http_get_text,
+    ours_config,
+    peer_config,
+)
 
 SCHEMA = "vision-serve-bench/1"
 #: Open-loop levels: requests unanswered at once before the client stops sending (it never queues).
@@ -132,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: [int(x) for x in _csv(s)],
         default=[1],
         help="VISION_WORKERS values to run ours with, e.g. 1,4 (one configuration each; default 1)",
+    )
+    p.add_argument(
+        "--ours-decodes",
+        type=_csv,
+        default=[],
+        help="VISION_JPEG_DECODE values to run ours with, e.g. device,cpu (one configuration each, "
+        "labelled 'decode X'; default: the setting's own default, unlabelled)",
     )
     p.add_argument("--max-batch-size", type=int, default=None, help="VISION_MAX_BATCH_SIZE and LitServe's")
     p.add_argument("--peers", type=_csv, default=None, help="fastapi,litserve or none (cuda: none)")
@@ -323,12 +339,15 @@ class Bench:
             for runtime in a.ours_runtimes:
                 if runtime == "openvino" and p not in _openvino_precisions():
                     continue  # the service refuses it at start (app/settings.py)
-                for workers in a.ours_workers:
+                for workers, decode in itertools.product(a.ours_workers, a.ours_decodes or [None]):
                     env = dict(extra)
                     label = f"ours {p}"
                     if runtime != "torch":  # app/settings.py: VISION_RUNTIME
                         env["VISION_RUNTIME"] = runtime
                         label += f" {runtime}"
+                    if decode is not None:  # app/settings.py: VISION_JPEG_DECODE
+                        env["VISION_JPEG_DECODE"] = decode
+                        label += f" decode {decode}"
                     if p == "int8" or runtime != "torch":
                         # int8 is calibrated at start on bench.inputs' calibration images; another
                         # runtime at fp32 is checked against torch on them
@@ -426,7 +445,18 @@ class Bench:
                 )
                 run["open"].append(result)
                 self.log(f"{config.label} x{factor:g} " + format_level(result))
+            if config.kind == "ours" and a.device.startswith("cuda"):
+                self.record_gpu_memory(server, run)
         return True
+
+    def record_gpu_memory(self, server: ServerProcess, run: dict[str, Any]) -> None:
+        """GPU memory per worker, at the end of the levels: the allocator's figures from
+        ``/metrics`` (the peak included) and nvidia-smi's per process (the CUDA context too)."""
+        text = http_get_text(server.port, "/metrics")
+        run["gpu_memory_mib"] = device_memory_by_worker(text) if text is not None else None
+        run["nvidia_smi_mib"] = gpu_processes_mib()
+        label, allocator, smi = server.config.label, run["gpu_memory_mib"], run["nvidia_smi_mib"]
+        self.log(f"{label} GPU memory (MiB): allocator {allocator}, nvidia-smi {smi}")
 
     def run(self) -> str:
         a = self.args

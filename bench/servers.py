@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,54 @@ def http_get_status(port: int, path: str, timeout_s: float = 2.0) -> int | None:
         return None
     finally:
         conn.close()
+
+
+def http_get_text(port: int, path: str, timeout_s: float = 5.0) -> str | None:
+    """Body of ``GET http://127.0.0.1:port/path`` when it answers 200; else None."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        return body.decode("utf-8", "replace") if resp.status == 200 else None
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+_MEMORY_SERIES = re.compile(r"^vision_device_memory_bytes\{([^}]*)\} (\S+)$", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def device_memory_by_worker(metrics_text: str) -> dict[str, dict[str, float]]:
+    """``vision_device_memory_bytes`` of a ``/metrics`` text, per worker: {pid (``"0"`` for a
+    single process, which has no pid label): {kind: MiB}}."""
+    workers: dict[str, dict[str, float]] = {}
+    for labels, value in _MEMORY_SERIES.findall(metrics_text):
+        named = dict(_LABEL.findall(labels))
+        kind = named.get("kind")
+        if kind:
+            workers.setdefault(named.get("pid", "0"), {})[kind] = round(float(value) / 2**20, 1)
+    return dict(sorted(workers.items()))
+
+
+def gpu_processes_mib(timeout_s: float = 10.0) -> dict[str, float] | None:
+    """{pid: MiB} of the processes on the GPUs as ``nvidia-smi`` sees them (the CUDA context
+    included, unlike the allocator's figures); None where nvidia-smi is missing or fails (a
+    sandboxed machine may list no processes at all: then {})."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = (line.split(",") for line in out.splitlines() if line.count(",") == 1)
+    return {pid.strip(): float(mib) for pid, mib in rows if mib.strip().replace(".", "", 1).isdigit()}
 
 
 def proc_stats() -> Iterator[tuple[int, list[str]]]:

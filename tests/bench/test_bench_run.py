@@ -22,7 +22,13 @@ from bench.inputs import (
     write_images,
 )
 from bench.run import Bench, Level, build_parser, parse_levels, resolve_defaults
-from bench.servers import ServerConfig, ServerProcess, http_get_status
+from bench.servers import (
+    ServerConfig,
+    ServerProcess,
+    device_memory_by_worker,
+    gpu_processes_mib,
+    http_get_status,
+)
 
 
 def args_for(*argv: str) -> argparse.Namespace:
@@ -96,6 +102,23 @@ def test_server_configurations(tmp_path: Path) -> None:
     assert "--max-batch-size" in configs["litserve bf16"].args
     assert "--port" in ours.argv(1234) and ours.argv(1234)[-1] == "1234"
     assert ours.cwd is None  # ours from this checkout
+
+
+def test_ours_runs_with_each_jpeg_decode_and_worker_count(tmp_path: Path) -> None:
+    assert args_for().ours_decodes == []  # by default the service's own choice, unlabelled
+    args = args_for("--out", str(tmp_path), "--device", "cuda", "--ours-decodes", "device,cpu",
+                    "--ours-workers", "4,1")  # fmt: skip
+    configs = {c.label: c for c in Bench(args).server_configs("vgg16")}
+    assert list(configs) == [  # in the order asked: a time-boxed run measures the first ones first
+        "ours fp16 decode device x4 workers",
+        "ours fp16 decode cpu x4 workers",
+        "ours fp16 decode device",
+        "ours fp16 decode cpu",
+    ]
+    assert configs["ours fp16 decode cpu x4 workers"].env["VISION_JPEG_DECODE"] == "cpu"
+    assert configs["ours fp16 decode cpu x4 workers"].env["VISION_WORKERS"] == "4"
+    assert configs["ours fp16 decode device"].env["VISION_JPEG_DECODE"] == "device"
+    assert "VISION_WORKERS" not in configs["ours fp16 decode device"].env
 
 
 def test_a_baseline_checkout_runs_beside_ours(tmp_path: Path) -> None:
@@ -269,3 +292,32 @@ def test_server_that_dies_reports_its_log(tmp_path: Path) -> None:
         pytest.raises(RuntimeError, match="No module"),
     ):
         server.wait_ready(30)
+
+
+def test_gpu_memory_per_worker_from_metrics_and_nvidia_smi(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = "\n".join(
+        [
+            "# TYPE vision_device_memory_bytes gauge",
+            'vision_device_memory_bytes{device="cuda:0",kind="reserved",pid="41"} 1.048576e+09',
+            'vision_device_memory_bytes{device="cuda:0",kind="peak_reserved",pid="41"} 2097152.0',
+            'vision_device_memory_bytes{device="cuda:0",kind="reserved",pid="7"} 524288.0',
+            'vision_requests_total{endpoint="/v1/classify",model="m",status="200"} 3.0',
+        ]
+    )
+    assert device_memory_by_worker(pool) == {
+        "41": {"reserved": 1000.0, "peak_reserved": 2.0},
+        "7": {"reserved": 0.5},
+    }
+    single = 'vision_device_memory_bytes{device="cuda:0",kind="allocated"} 3145728.0\n'
+    assert device_memory_by_worker(single) == {"0": {"allocated": 3.0}}  # one process: no pid label
+    assert device_memory_by_worker("# TYPE vision_device_memory_bytes gauge\n") == {}  # CPU
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '41, 1532\\n7, 980\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    assert gpu_processes_mib() == {"41": 1532.0, "7": 980.0}
+    fake.write_text("#!/bin/sh\nexit 9\n")  # a driver that does not answer
+    assert gpu_processes_mib() is None
