@@ -237,19 +237,37 @@ def test_overload_counts_abandoned_requests_and_needs_the_load_offered(results: 
     assert short["met"] is None and "offered under 0.9" in short["note"]
 
 
-def test_gpu_target_uses_the_best_level_within_100ms(results: dict[str, Any]) -> None:
+def test_gpu_targets_of_issue_16_use_the_best_level_within_each_models_p99(results: dict[str, Any]) -> None:
     doc = results["models"]["vgg16"]
-    doc["ceiling"] = [{"results": [{"precision": "fp16", "best": {"batch": 128, "images_per_s": 3000.0}}]}]
+    by_batch = [{"batch": 8, "images_per_s": 2000.0}, {"batch": 64, "images_per_s": 4000.0},
+                {"batch": 256, "images_per_s": 5000.0}]  # fmt: skip
+    doc["ceiling"] = [{"results": [{"precision": "fp16", "by_batch": by_batch, "best": by_batch[-1]}]}]
     doc["openvino"] = []
-    doc["servers"] = {"ours fp16": [server("ours fp16", "ours", "fp16", [
-        closed(32, 1800.0, 15, 30), closed(128, 2500.0, 50, 90), closed(256, 2700.0, 95, 180)])]}  # fmt: skip
-    summary = summarize_model(doc, "cuda", "500x375", deadline_ms=30000)
+    doc["servers"] = {
+        "ours fp16": [server("ours fp16", "ours", "fp16", [
+            closed(32, 1800.0, 15, 30), closed(128, 2500.0, 50, 90), closed(256, 2700.0, 95, 180)])],
+        "ours fp16 x4 workers": [server("ours fp16 x4 workers", "ours", "fp16", [
+            closed(64, 2300.0, 40, 99), closed(32, 2600.0, 60, 120, k=8)])],
+    }  # fmt: skip
+    summary = summarize_model(doc, "cuda", "500x375", deadline_ms=30000, model="vgg16", service_batch=64)
     targets = {t["name"]: t for t in summary["targets"]}
-    assert targets["ours (fp16) / eager fp16 ceiling"]["value"] == pytest.approx(0.9)
-    assert targets["ours (fp16) / eager fp16 ceiling"]["met"] is True  # >= 0.8 on a GPU
-    assert targets["ours images/s with p99 <= 100 ms"]["value"] == 2500.0
-    assert targets["ours images/s with p99 <= 100 ms"]["met"] is True
+    fast = targets["ours images/s with p99 <= 100 ms"]
+    assert fast["value"] == 2500.0 and fast["met"] is True  # 2700 has p99 180 ms, the k=8 level 120 ms
+    assert fast["note"] == "ours fp16, 128 clients x 1 images, p99 90 ms"
+    # issue 16: against the eager loop at the batch the service runs (64), not its best batch (256)
+    ratio = targets["that level / eager fp16 loop at the service's batch (64)"]
+    assert ratio["value"] == pytest.approx(2500 / 4000, abs=1e-3) and ratio["met"] is True
+    assert summary["gpu_best_within_p99"]["label"] == "ours fp16"
     assert not [name for name in targets if "best model-only" in name]  # issue 15's targets are the CPU's
+    assert not [name for name in targets if name.endswith("fp16 ceiling")]  # issue 4's are replaced
+
+    ssd = summarize_model(doc, "cuda", "500x375", deadline_ms=30000, model="ssd300", service_batch=8)
+    ssd_targets = {t["name"]: t for t in ssd["targets"]}
+    slow = ssd_targets["ours images/s with p99 <= 150 ms"]  # SSD300's own bound: 1000 images/s, 150 ms
+    assert slow["value"] == 2600.0 and "32 clients x 8 images" in slow["note"]
+    assert ssd_targets["that level / eager fp16 loop at the service's batch (8)"]["value"] == pytest.approx(
+        1.3
+    )
 
 
 def test_finish_writes_json_table_and_plot(results: dict[str, Any], tmp_path: Path) -> None:
