@@ -81,6 +81,7 @@ def test_queue_must_hold_a_full_request() -> None:
         Settings(max_files=32, max_queue_images=8)
 
 
+@pytest.mark.cuda
 def test_auto_device_and_cuda_checks() -> None:
     assert Settings(device="cpu").torch_device == "cpu"
     assert Settings(device="auto").torch_device == ("cuda" if torch.cuda.is_available() else "cpu")

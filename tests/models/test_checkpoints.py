@@ -109,6 +109,7 @@ def test_factory_files_have_the_real_on_disk_layout(tiny: dict[str, Path]) -> No
 # --------------------------------------------------------------------------- reading
 
 
+@pytest.mark.cuda
 def test_gpu_saved_file_needs_map_location_and_loads_on_the_cpu(tiny: dict[str, Path]) -> None:
     path = tiny["book_vgg16"]
     seen: list[str] = []
@@ -696,6 +697,7 @@ def test_arch_and_task_that_disagree_with_the_file(tiny: dict[str, Path]) -> Non
     assert "holds a classifier" in message and "task = 'detect'" in message
 
 
+@pytest.mark.cuda
 def test_device_and_precision_errors(tiny: dict[str, Path]) -> None:
     spec = _spec(tiny["tv_vgg16"], "classify", "vgg16")
     for device in ("tpu", "cuda:x", "gpu"):

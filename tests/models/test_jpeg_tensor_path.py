@@ -125,6 +125,7 @@ def test_predictor_preprocess_jpegs_batches_in_order(
         predictor.preprocess_jpegs(files, [1])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_decode_matches_the_cpu(china: Image.Image) -> None:
     files = [_jpeg(china), _jpeg(china.resize((300, 200)))]
