@@ -14,5 +14,8 @@ Modules:
 - :mod:`bench.peers`: a plain FastAPI endpoint and a LitServe server over the same model code;
 - :mod:`bench.servers`: starting, readying and stopping one server process at a time;
 - :mod:`bench.report`: the JSON summary, the markdown table and the latency/throughput plot;
-- :mod:`bench.run`: the whole comparison (``python -m bench``).
+- :mod:`bench.run`: the whole comparison (``python -m bench``);
+- :mod:`bench.device_check`: a GPU's answers against the CPU's, fp16 / bf16 against fp32 (issue 16);
+- :mod:`bench.gpu_report`: one document from what ``bench/gpu.sh`` measured (issue 16);
+- :mod:`bench.gpu_wheels`: the wheels a GPU machine without a package index needs for ``bench/gpu.sh``.
 """
