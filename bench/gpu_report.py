@@ -17,7 +17,6 @@ import argparse
 import datetime as dt
 import json
 import re
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report import primary_levels
+from bench.servers import nvidia_smi_rows
 
 SCHEMA = "vision-serve-gpu/1"
 #: ``python -m bench`` output folders that gpu.sh writes, one per model.
@@ -35,19 +35,10 @@ def gpu_identity(timeout_s: float = 20.0) -> dict[str, Any]:
     """name, memory and driver of the first GPU (nvidia-smi), torch / CUDA / cuDNN versions; fields
     that cannot be read are None."""
     info: dict[str, Any] = {"name": None, "memory": None, "driver": None}
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=True,
-        ).stdout.splitlines()
-        if out and out[0].count(",") >= 2:
-            name, memory, driver = (part.strip() for part in out[0].split(",")[:3])
-            info.update(name=name, memory=memory, driver=driver)
-    except (OSError, subprocess.SubprocessError):
-        pass
+    rows = nvidia_smi_rows("gpu=name,memory.total,driver_version", 3, timeout_s)
+    if rows:
+        name, mib, driver = rows[0]
+        info.update(name=name, memory=f"{mib} MiB", driver=driver)
     try:
         import torch
 

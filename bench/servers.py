@@ -99,13 +99,12 @@ def device_memory_by_worker(metrics_text: str) -> dict[str, dict[str, float]]:
     return dict(sorted(workers.items()))
 
 
-def gpu_processes_mib(timeout_s: float = 10.0) -> dict[str, float] | None:
-    """{pid: MiB} of the processes on the GPUs as ``nvidia-smi`` sees them (the CUDA context
-    included, unlike the allocator's figures); None where nvidia-smi is missing or fails (a
-    sandboxed machine may list no processes at all: then {})."""
+def nvidia_smi_rows(query: str, fields: int, timeout_s: float = 10.0) -> list[list[str]] | None:
+    """``nvidia-smi --query-<query> --format=csv,noheader,nounits``: its rows of ``fields`` stripped
+    values (other lines dropped); None where nvidia-smi is missing or fails."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            ["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -113,8 +112,18 @@ def gpu_processes_mib(timeout_s: float = 10.0) -> dict[str, float] | None:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    rows = (line.split(",") for line in out.splitlines() if line.count(",") == 1)
-    return {pid.strip(): float(mib) for pid, mib in rows if mib.strip().replace(".", "", 1).isdigit()}
+    rows = [[part.strip() for part in line.split(",")] for line in out.splitlines()]
+    return [row for row in rows if len(row) == fields]
+
+
+def gpu_processes_mib(timeout_s: float = 10.0) -> dict[str, float] | None:
+    """{pid: MiB} of the processes on the GPUs as ``nvidia-smi`` sees them (the CUDA context
+    included, unlike the allocator's figures); None where nvidia-smi is missing or fails (a
+    sandboxed machine may list no processes at all: then {})."""
+    rows = nvidia_smi_rows("compute-apps=pid,used_memory", 2, timeout_s)
+    if rows is None:
+        return None
+    return {pid: float(mib) for pid, mib in rows if mib.replace(".", "", 1).isdigit()}
 
 
 def proc_stats() -> Iterator[tuple[int, list[str]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,19 @@ def test_main_writes_the_named_files(folder: Path, monkeypatch: pytest.MonkeyPat
     assert saved["schema"] == gpu_report.SCHEMA and saved["commit"] == "c0ffee"
     assert saved["best_one_image_levels"]["vgg16"]["images_per_s"] == 2100.0
     assert (folder / "gpu-h200-2026-12-06.md").read_text().startswith("# GPU run: NVIDIA H200, 2026-12-06")
+
+
+def test_the_gpu_is_named_from_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 81559, 580.159.04'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    identity = gpu_report.gpu_identity()
+    assert (identity["name"], identity["memory"], identity["driver"]) == (
+        "NVIDIA H100 80GB HBM3",
+        "81559 MiB",
+        "580.159.04",
+    )
+    assert identity["torch"]  # this process's torch
+    fake.write_text("#!/bin/sh\nexit 9\n")
+    assert gpu_report.gpu_identity()["driver"] is None
