@@ -404,7 +404,7 @@ def batch_runner(
     stack their images (``decoder.stack``), run the predictor once, one output per item, and an
     ItemFailure in the place of an image that could not be read. After each batch on a GPU,
     ``metrics`` gets this worker's device memory."""
-    device = predictor.device
+    device, device_label = predictor.device, str(predictor.device)
 
     def run(items: list[ImageItem[OptT]]) -> list[OutT | ItemFailure]:
         batch = decoder.stack(predictor, [item.image for item in items])
@@ -415,7 +415,7 @@ def batch_runner(
             else []
         )
         if metrics is not None:
-            metrics.record_device_memory(str(device), device_memory(device))
+            metrics.record_device_memory(device_label, device_memory(device))
         readable = iter(outputs)
         return [
             ItemFailure(batch.failures[i]) if i in batch.failures else next(readable)
