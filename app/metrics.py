@@ -22,6 +22,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 #: Latency buckets (seconds) for whole requests and for single forward passes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Buckets (seconds) for the steps of a request (a header probe takes microseconds, a batch seconds).
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, *_LATENCY_BUCKETS)
 
 
 class Metrics:
@@ -54,6 +56,15 @@ class Metrics:
             "time of one batched forward pass, postprocessing included",
             ["model"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "vision_stage_seconds",
+            "time of one step on the way through a model: decode (one request's images made ready "
+            "for a batch, waiting for a decode thread included), stack (one batch's inputs onto the "
+            "model's device), run (one batch's forward pass and post-processing, outputs on the host)",
+            ["model", "stage"],
+            buckets=_STAGE_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(

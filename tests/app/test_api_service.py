@@ -6,15 +6,21 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from app import inference
+from app.batching import ItemFailure
+from app.errors import ApiError
+from app.images import Batch, ImageDecoder, PreparedImage
 from app.main import create_app
+from app.metrics import Metrics
 from models import Classifier, Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, VOC_DETECTOR, running, serve, settings_for, wait_ready
 from tests.app.helpers import png
@@ -173,6 +179,58 @@ async def test_metrics_report_device_memory_per_batch(
         assert f'vision_device_memory_bytes{{device="cpu",kind="reserved"}} {20.0 * n}' in text
         assert f'vision_device_memory_bytes{{device="cpu",kind="allocated"}} {10.0 * n}' in text
         assert 'vision_device_memory_bytes{device="cpu",kind="peak_reserved"} 30.0' in text
+
+
+def stage_series(text: str, model: str) -> dict[str, tuple[float, float]]:
+    """(count, sum) of each stage of ``vision_stage_seconds`` for ``model`` in a /metrics text."""
+    found: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "vision_stage_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") == model and sample.name.endswith(("_count", "_sum")):
+                count, total = found.get(sample.labels["stage"], (0.0, 0.0))
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                else:
+                    total = sample.value
+                found[sample.labels["stage"]] = (count, total)
+    return found
+
+
+async def test_metrics_time_each_stage_of_a_request(tiny_models_file: Path) -> None:
+    """vision_stage_seconds: decode once per request; stack and run once per batch, together no
+    longer than the batch the batcher timed; a batch whose every image failed has no run."""
+    async with serve(tiny_models_file, max_batch_size=1) as client:
+        two = [("file", ("a", png())), ("file", ("b", png()))]
+        assert (await client.post("/v1/classify", files=two)).status_code == 200
+        assert (await client.post("/v1/classify", files={"file": ("c", png())})).status_code == 200
+        text = (await client.get("/metrics")).text
+    stages = stage_series(text, CLASSIFIER)
+    assert set(stages) == {"decode", "stack", "run"}
+    assert stages["decode"][0] == 2  # two requests
+    assert stages["stack"][0] == stages["run"][0] == 3  # three images, batches of one
+    assert all(total > 0 for _, total in stages.values())
+    batches = re.search(rf'vision_inference_seconds_sum{{model="{CLASSIFIER}"}} (\S+)', text)
+    assert batches is not None
+    assert stages["stack"][1] + stages["run"][1] <= float(batches.group(1))
+
+
+def test_a_batch_without_a_readable_image_has_no_run_time(predictor_by_name: dict[str, Predictor]) -> None:
+    predictor = predictor_by_name[CLASSIFIER]
+    failure = ApiError(400, "INVALID_IMAGE", "not an image")
+
+    class Unreadable(ImageDecoder):
+        def stack(self, predictor: Predictor, images: Sequence[PreparedImage]) -> Batch:
+            return Batch(None, dict.fromkeys(range(len(images)), failure))
+
+    metrics = Metrics()
+    run = inference.batch_runner(predictor, Unreadable(ThreadPoolExecutor(1), 10**6), metrics)
+    item = inference.ImageItem(PreparedImage((4, 4)), predictor.default_options)
+    outputs = run([item, item])
+    assert [type(out) for out in outputs] == [ItemFailure, ItemFailure]
+    stages = stage_series(metrics.render().decode(), CLASSIFIER)
+    assert stages["stack"][0] == 1 and "run" not in stages
 
 
 async def test_startup_loads_the_models_file_and_records_load_time(tiny_models_file: Path) -> None:
