@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import re
 import sys
@@ -146,11 +147,7 @@ def _levels_table(model: str, results: Mapping[str, Any]) -> list[str]:
 
 
 def _ceiling_table(model: str, results: Mapping[str, Any]) -> list[str]:
-    rows: dict[str, dict[int, float]] = {}
-    for doc in results.get("models", {}).get(model, {}).get("ceiling", []):
-        for res in doc.get("results", []):
-            for row in res.get("by_batch", []):
-                rows.setdefault(res["precision"], {})[row["batch"]] = row["images_per_s"]
+    rows = _loop_rates(model, results)
     if not rows:
         return ["(no model-only ceiling was measured)"]
     batches = sorted({b for per in rows.values() for b in per})
@@ -161,6 +158,86 @@ def _ceiling_table(model: str, results: Mapping[str, Any]) -> list[str]:
             f"| {precision} | " + " | ".join(f"{per[b]:.0f}" if b in per else "-" for b in batches) + " |"
         )
     return out
+
+
+def _loop_rates(model: str, results: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """The model-only ceiling's images/s by precision and batch size."""
+    rows: dict[str, dict[int, float]] = {}
+    for doc in results.get("models", {}).get(model, {}).get("ceiling", []):
+        for res in doc.get("results", []):
+            for row in res.get("by_batch", []):
+                rows.setdefault(res["precision"], {})[row["batch"]] = row["images_per_s"]
+    return rows
+
+
+def loop_ms(by_batch: Mapping[int, float], batch: float) -> float | None:
+    """The model-only loop's ms for one batch of ``batch`` images (a mean, so fractional): the
+    measured batch sizes' times, interpolated linearly between the two around it (the nearest
+    one's outside them); None without a measurement."""
+    points = sorted((b, 1000.0 * b / ips) for b, ips in by_batch.items() if ips > 0)
+    if not points:
+        return None
+    if batch <= points[0][0]:
+        return points[0][1] * batch / points[0][0]
+    for (b0, t0), (b1, t1) in itertools.pairwise(points):
+        if batch <= b1:
+            return t0 + (t1 - t0) * (batch - b0) / (b1 - b0)
+    return points[-1][1] * batch / points[-1][0]
+
+
+def limit_of(breakdown: Mapping[str, Any], client_ms: float | None) -> str:
+    """What limits a level, from its breakdown: ``model`` when the inference threads were busy
+    (>= 0.85 of the time), else the largest of the feed's parts per request."""
+    if breakdown["busy"] >= 0.85:
+        return "model"
+    parts = {
+        "outside the app": (client_ms - breakdown["request_ms"])
+        if client_ms is not None and breakdown["request_ms"] is not None
+        else None,
+        "HTTP/multipart/JSON in the app": breakdown["app_other_ms"],
+        "decode": breakdown["decode_ms"],
+        "batching wait": breakdown["queue_wait_ms"],
+    }
+    known = {name: value for name, value in parts.items() if value is not None}
+    return f"feed: {max(known, key=lambda name: known[name])}" if known else "feed"
+
+
+def _breakdown_table(model: str, results: Mapping[str, Any]) -> list[str]:
+    """Where the time goes, per level of each of our configurations (``bench.breakdown``)."""
+    doc = results.get("models", {}).get(model, {})
+    rates = _loop_rates(model, results)
+    out = [
+        "| configuration | clients x images | images/s | mean batch | busy | client ms | outside app "
+        "| in app: HTTP, multipart, JSON | decode | batching wait | stack | run | model only | limit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = 0
+    for label, runs in doc.get("servers", {}).items():
+        if not runs or runs[-1].get("kind") != "ours":
+            continue
+        run = runs[-1]
+        for lvl in run.get("closed", []):
+            b = lvl.get("breakdown")
+            if not b:
+                continue
+            client = lvl["latency_ms"].get("mean")
+            outside = client - b["request_ms"] if client is not None and b["request_ms"] is not None else None
+            only = loop_ms(rates.get(run.get("precision", ""), {}), b["mean_batch"])
+            out.append(
+                f"| {label} | {lvl['concurrency']} x {lvl.get('images_per_request', 1):.0f} "
+                f"| {lvl['images_per_s']:.0f} | {b['mean_batch']:.1f} | {b['busy']:.2f} | {_ms1(client)} "
+                f"| {_ms1(outside)} | {_ms1(b['app_other_ms'])} | {_ms1(b['decode_ms'])} "
+                f"| {_ms1(b['queue_wait_ms'])} | {_ms1(b['stack_ms'])} | {_ms1(b['run_ms'])} | {_ms1(only)} "
+                f"| {limit_of(b, client)} |"
+            )
+            rows += 1
+    if not rows:
+        return ["(no breakdown: the service's /metrics was not read around the levels)"]
+    return out
+
+
+def _ms1(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def compose(folder: Path, commit: str | None, identity: Mapping[str, Any], date: str) -> dict[str, Any]:
@@ -233,6 +310,20 @@ def markdown(document: Mapping[str, Any]) -> str:
             "",
         ]
         out += _ceiling_table(model, results)
+        out += ["", f"### {model}: where the time goes (the service's /metrics around each level)", ""]
+        out += _breakdown_table(model, results)
+        out += [
+            "",
+            "Mean ms: client (the load generator's latency), outside app (client minus the app's own "
+            "request time: the socket, uvicorn's parsing), in app (reading the body, multipart, routing, "
+            "the JSON answer, event-loop scheduling), decode (per request), batching wait (per image), "
+            "stack (inputs onto the GPU) and run (forward and post-processing, outputs on the host) per "
+            "batch, model only (the eager loop above, interpolated at the mean batch). busy: the share "
+            "of the time each worker's inference thread ran a batch. limit: model when busy >= 0.85, "
+            "else the feed's largest part per request. The app's figures cover the level's warm-up "
+            "and drain too, which the client's leave out: with few requests, outside app can come "
+            "out below zero.",
+        ]
         out += [
             "",
             f"### {model}: targets",

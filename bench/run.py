@@ -42,6 +42,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.breakdown import level_breakdown, timing_totals
 from bench.ceiling import ALLOCATOR_ENV, CPU_BATCHES, GPU_BATCHES, machine_info
 from bench.inputs import BenchImage, images_of_size, write_images
 from bench.load import (
@@ -406,8 +407,10 @@ class Bench:
                     timeout_s=a.timeout_s,
                 )
                 cpu0 = server.cpu_seconds()
+                timings = self.timings(server, model)
                 result = run_closed(target, self.payloads(level), cfg, a.client_processes)
                 result["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 3)  # warm-up and drain included
+                result["breakdown"] = self.breakdown(server, model, timings)
                 result["image_size"] = level.size
                 run["closed"].append(result)
                 self.log(f"{config.label} {level.size} k={level.images} " + format_level(result))
@@ -436,18 +439,38 @@ class Bench:
                     drain_s=min(a.timeout_s, (a.deadline_ms or SERVICE_DEADLINE_MS) / 1000 + 5),
                 )
                 cpu0 = server.cpu_seconds()
+                timings = self.timings(server, model)
                 result = run_open(target, self.payloads(base), ocfg, a.client_processes)
                 result.update(
                     rate_factor=factor,
                     capacity_images_per_s=capacity,
                     image_size=a.image_size,
                     server_cpu_s=round(server.cpu_seconds() - cpu0, 3),
+                    breakdown=self.breakdown(server, model, timings),
                 )
                 run["open"].append(result)
                 self.log(f"{config.label} x{factor:g} " + format_level(result))
             if config.kind == "ours" and a.device.startswith("cuda"):
                 self.record_gpu_memory(server, run)
         return True
+
+    def timings(self, server: ServerProcess, model: str) -> tuple[float, dict[str, float]] | None:
+        """Our service's timing totals for ``model`` now (``bench.breakdown``), with the time they
+        were read; None for a peer, or when ``/metrics`` does not answer."""
+        if server.config.kind != "ours":
+            return None
+        text = http_get_text(server.port, "/metrics")
+        return (time.monotonic(), timing_totals(text, model)) if text is not None else None
+
+    def breakdown(
+        self, server: ServerProcess, model: str, before: tuple[float, dict[str, float]] | None
+    ) -> dict[str, Any] | None:
+        """Where the time of the level since ``before`` (:meth:`timings`) went, in the service."""
+        after = self.timings(server, model)
+        if before is None or after is None:
+            return None
+        workers = int(server.config.env.get("VISION_WORKERS", "1"))
+        return level_breakdown(before[1], after[1], after[0] - before[0], workers)
 
     def record_gpu_memory(self, server: ServerProcess, run: dict[str, Any]) -> None:
         """GPU memory per worker, at the end of the levels: the allocator's figures from

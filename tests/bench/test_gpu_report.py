@@ -21,12 +21,20 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 <skipped message="needs CUDA"/></testcase></testsuite></testsuites>"""
 
 
+#: bench.breakdown's figures for a level: a model thread busy 0.6 of the time, the app's own
+#: HTTP work the largest part of the feed
+BREAKDOWN = {"requests": 900, "batches": 30, "mean_batch": 48.0, "busy": 0.6, "request_ms": 25.0,
+             "decode_ms": 2.0, "queue_wait_ms": 4.0, "batch_ms": 12.0, "stack_ms": 1.5, "run_ms": 10.0,
+             "app_other_ms": 7.0}  # fmt: skip
+
+
 def bench_results(model: str) -> dict[str, Any]:
     """A ``python -m bench --device cuda`` results.json for one model, as finish() leaves it."""
     by_batch = [{"batch": 64, "images_per_s": 4000.0}, {"batch": 256, "images_per_s": 5000.0}]
     ceiling = {"precision": "fp16", "by_batch": by_batch, "best": by_batch[-1]}
     four = server("ours fp16 decode device x4 workers", "ours", "fp16",
                   [closed(64, 2100.0, 30, 80), closed(32, 2400.0, 60, 95, k=8)], [overload()])  # fmt: skip
+    four["closed"][0]["breakdown"] = BREAKDOWN  # the 8-image level was not read: no row for it
     four["gpu_memory_mib"] = {"101": {"peak_reserved": 2048.0}, "102": {"peak_reserved": 1900.0}}
     four["nvidia_smi_mib"] = {"101": 2600.0}
     return {
@@ -89,6 +97,11 @@ def test_the_document_holds_every_stage_and_says_what_is_missing(folder: Path) -
         "| ours fp16 decode device x4 workers | 32 x 8 | 2400 | 60 | 95 | 0 | 0 | 2048/2600, 1900 |" in text
     )
     assert "| fp16 | 4000 | 5000 |" in text  # the loop per batch size
+    # where the time goes: client 30 ms, 25 in the app; 48 images a batch at 4000/s take 12 ms alone
+    assert (
+        "| ours fp16 decode device x4 workers | 64 x 1 | 2100 | 48.0 | 0.60 | 30.0 | 5.0 | 7.0 | 2.0 "
+        "| 4.0 | 1.5 | 10.0 | 12.0 | feed: HTTP/multipart/JSON in the app |" in text
+    )
     assert "## ssd300: not measured" in text
 
 
@@ -123,3 +136,20 @@ def test_the_gpu_is_named_from_nvidia_smi(tmp_path: Path, monkeypatch: pytest.Mo
     assert identity["torch"]  # this process's torch
     fake.write_text("#!/bin/sh\nexit 9\n")
     assert gpu_report.gpu_identity()["driver"] is None
+
+
+def test_the_model_only_time_is_interpolated_at_the_mean_batch() -> None:
+    rates = {8: 800.0, 64: 3200.0}  # 10 ms and 20 ms a batch
+    assert gpu_report.loop_ms(rates, 8) == pytest.approx(10.0)
+    assert gpu_report.loop_ms(rates, 36) == pytest.approx(15.0)  # halfway between the two
+    assert gpu_report.loop_ms(rates, 4) == pytest.approx(5.0)  # below: the smallest batch's pace
+    assert gpu_report.loop_ms(rates, 128) == pytest.approx(40.0)  # above: the largest's
+    assert gpu_report.loop_ms({}, 8) is None
+
+
+def test_the_limit_is_the_model_when_busy_else_the_feeds_largest_part() -> None:
+    assert gpu_report.limit_of({**BREAKDOWN, "busy": 0.9}, 30.0) == "model"
+    assert gpu_report.limit_of(BREAKDOWN, 30.0) == "feed: HTTP/multipart/JSON in the app"
+    assert gpu_report.limit_of(BREAKDOWN, 40.0) == "feed: outside the app"  # 15 ms outside
+    slow_decode = {**BREAKDOWN, "decode_ms": 9.0}
+    assert gpu_report.limit_of(slow_decode, None) == "feed: decode"
