@@ -1,7 +1,7 @@
 """Where a request's time goes in our service, from its own ``/metrics`` around one load level.
 
-The bench reads ``/metrics`` before and after each closed-loop level of our service and keeps the
-difference: the service's timing histograms (``vision_request_duration_seconds``,
+The bench reads ``/metrics`` before and after each level (closed and open loop) of our service and
+keeps the difference: the service's timing histograms (``vision_request_duration_seconds``,
 ``vision_stage_seconds``, ``vision_queue_wait_seconds``, ``vision_inference_seconds``,
 ``vision_batch_size``; see docs/api.md) summed over that level's requests. From their sums and
 counts, :func:`level_breakdown` gives mean milliseconds per step:

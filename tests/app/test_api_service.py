@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from app import inference
 from app.batching import ItemFailure
@@ -21,6 +20,7 @@ from app.errors import ApiError
 from app.images import Batch, ImageDecoder, PreparedImage
 from app.main import create_app
 from app.metrics import Metrics
+from bench.breakdown import timing_totals
 from models import Classifier, Predictor
 from tests.app.harness import CLASSIFIER, DETECTOR, VOC_DETECTOR, running, serve, settings_for, wait_ready
 from tests.app.helpers import png
@@ -183,19 +183,9 @@ async def test_metrics_report_device_memory_per_batch(
 
 def stage_series(text: str, model: str) -> dict[str, tuple[float, float]]:
     """(count, sum) of each stage of ``vision_stage_seconds`` for ``model`` in a /metrics text."""
-    found: dict[str, tuple[float, float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name != "vision_stage_seconds":
-            continue
-        for sample in family.samples:
-            if sample.labels.get("model") == model and sample.name.endswith(("_count", "_sum")):
-                count, total = found.get(sample.labels["stage"], (0.0, 0.0))
-                if sample.name.endswith("_count"):
-                    count = sample.value
-                else:
-                    total = sample.value
-                found[sample.labels["stage"]] = (count, total)
-    return found
+    totals = timing_totals(text, model)
+    stages = {key.removeprefix("stage_").rsplit("_", 1)[0] for key in totals if key.startswith("stage_")}
+    return {stage: (totals[f"stage_{stage}_count"], totals[f"stage_{stage}_sum"]) for stage in stages}
 
 
 async def test_metrics_time_each_stage_of_a_request(tiny_models_file: Path) -> None:
